@@ -1,0 +1,175 @@
+"""The one module that talks to ``array_api_compat`` and to concrete backends.
+
+Everything backend-specific lives here, each item with a comment that names the gap in the
+array API standard it papers over. Layer math never imports numpy, torch, cupy, jax or dask.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import array_api_compat
+from array_api_compat import (
+    is_array_api_obj,
+    is_array_api_strict_namespace,
+    is_cupy_namespace,
+    is_dask_namespace,
+    is_jax_namespace,
+    is_numpy_namespace,
+    is_torch_array,
+    is_torch_namespace,
+)
+
+__all__ = [
+    "array_namespace",
+    "compute_dtype",
+    "convert",
+    "device",
+    "half_dtypes",
+    "index_dtype",
+    "is_array",
+    "is_torch_array",
+    "namespace_name",
+    "namespace_of",
+    "to_numpy",
+]
+
+Array = Any
+Namespace = Any
+
+
+def is_array(x: object) -> bool:
+    """True for an array of any namespace that array-api-compat recognises."""
+    return is_array_api_obj(x)
+
+
+def array_namespace(*arrays: Array) -> Namespace:
+    """The (compat-wrapped) namespace shared by ``arrays``; raises TypeError otherwise."""
+    return array_api_compat.array_namespace(*arrays)
+
+
+def device(x: Array) -> Any:
+    """The device of ``x`` (works on NumPy arrays and dask arrays, which lack ``.device``)."""
+    return array_api_compat.device(x)
+
+
+def to_device(x: Array, dev: Any) -> Array:
+    return array_api_compat.to_device(x, dev)
+
+
+def namespace_name(xp: Namespace) -> str:
+    """A short, user-facing backend name: numpy, cupy, torch, jax, dask or array_api_strict."""
+    for name, check in (
+        ("numpy", is_numpy_namespace),
+        ("cupy", is_cupy_namespace),
+        ("torch", is_torch_namespace),
+        ("jax", is_jax_namespace),
+        ("dask", is_dask_namespace),
+        ("array_api_strict", is_array_api_strict_namespace),
+    ):
+        if check(xp):
+            return name
+    return getattr(xp, "__name__", repr(xp))
+
+
+def namespace_of(target: Any) -> Namespace:
+    """Resolve an array, an array module (``numpy``, ``torch``, ``cupy``, ``jax.numpy``,
+    ``dask.array``, ``array_api_strict``) or a compat namespace to the compat namespace."""
+    if is_array(target):
+        return array_namespace(target)
+    asarray = getattr(target, "asarray", None)
+    if asarray is None or not hasattr(target, "__name__"):
+        raise TypeError(
+            "expected an array namespace (numpy, torch, cupy, jax.numpy, dask.array, "
+            f"array_api_strict) or an array, received {type(target).__name__} {target!r}"
+        )
+    # The standard has no "namespace for this module" query: make a tiny array and ask.
+    return array_namespace(asarray([0.0]))
+
+
+def half_dtypes(xp: Namespace) -> tuple:
+    """float16 and bfloat16 where the namespace has them (the standard has neither)."""
+    out = []
+    for name in ("float16", "bfloat16"):
+        dt = getattr(xp, name, None)
+        if dt is not None:
+            out.append(dt)
+    return tuple(out)
+
+
+def compute_dtype(xp: Namespace, dtype: Any) -> Any:
+    """float32 for float16/bfloat16 (statistics and parameters), else ``dtype`` itself."""
+    for dt in half_dtypes(xp):
+        if dtype == dt:
+            return xp.float32
+    return dtype
+
+
+def index_dtype(xp: Namespace, dev: Any) -> Any:
+    """The default integer (indexing) dtype on ``dev``: int64, or int32 on JAX without x64."""
+    info = getattr(xp, "__array_namespace_info__", None)
+    if info is not None:
+        try:
+            return info().default_dtypes(device=dev)["indexing"]
+        except Exception:  # some namespaces reject device=; fall back below
+            pass
+    return xp.int64
+
+
+def to_numpy(x: Array) -> Any:
+    """A NumPy copy of ``x`` on the host, from any namespace and device (used by save,
+    the self-check and tests; never inside forward/backward)."""
+    import numpy as np  # lazily: `import anynorm` must not import numpy
+
+    xp = array_namespace(x)
+    if is_numpy_namespace(xp):
+        return np.array(x, copy=True)
+    if is_torch_namespace(xp):
+        t = x.detach().cpu()
+        # NumPy has no bfloat16: widen to float32 (exact).
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()
+        return t.numpy().copy()
+    if is_cupy_namespace(xp):
+        return x.get()
+    if is_dask_namespace(xp):
+        return np.array(x.compute(), copy=True)
+    if is_array_api_strict_namespace(xp):
+        # array-api-strict refuses host conversion from its fake non-CPU devices.
+        cpu = xp.__array_namespace_info__().default_device()
+        return np.array(np.from_dlpack(to_device(x, cpu)), copy=True)
+    return np.array(x, copy=True)
+
+
+def convert(x: Array, xp: Namespace, dev: Any = None, dtype: Any = None) -> Array:
+    """A copy of ``x`` in namespace ``xp`` on device ``dev`` (DLPack where it works, a host
+    round trip otherwise), optionally cast to ``dtype``."""
+    src = array_namespace(x)
+    out = None
+    if src is xp:
+        out = xp.asarray(x, copy=True)
+        if dev is not None:
+            out = to_device(out, dev)
+    else:
+        try:
+            out = xp.from_dlpack(x)
+            if dev is not None:
+                out = to_device(out, dev)
+            out = xp.asarray(out, copy=True)
+        except Exception:  # no DLPack path between these two (dask, cross-device): host copy
+            out = None
+        if out is None:
+            host = to_numpy(x)
+            if is_dask_namespace(xp):
+                out = xp.asarray(host)
+            else:
+                out = xp.asarray(host, device=dev) if dev is not None else xp.asarray(host)
+    if dtype is not None and out.dtype != dtype:
+        out = xp.astype(out, dtype)
+    return out
+
+
+def loaded_modules() -> set[str]:
+    """Top-level modules imported so far (used by the no-heavy-imports test)."""
+    return {name.split(".")[0] for name in sys.modules}

@@ -1,0 +1,171 @@
+"""Lp normalization: ``y = x / max(‖x‖_p, eps)`` along ``axis``, with its explicit backward."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .. import _validation as V
+from .._compat import compute_dtype
+from ._moments import _size, as_compute
+
+Array = Any
+
+__all__ = [
+    "l1_normalize",
+    "l1_normalize_backward",
+    "l2_normalize",
+    "l2_normalize_backward",
+    "lp_normalize",
+    "lp_normalize_backward",
+]
+
+
+def _prepare(func: str, x: Array, p: Any, axis: Any, eps: Any, dy: Array | None = None):
+    xp = V.namespace(func, x=x, dy=dy)
+    V.check_floating(func, "x", x, xp)
+    V.check_known_shape(func, "x", x)
+    p = V.check_p(func, p)
+    eps = V.check_eps(func, eps)
+    axes = V.normalize_axis(func, axis, x.ndim)
+    if dy is not None:
+        V.check_floating(func, "dy", dy, xp)
+        if tuple(dy.shape) != tuple(x.shape) or dy.dtype != x.dtype:
+            raise ValueError(
+                f"{func}: `dy` must have the shape and dtype of `x` {tuple(x.shape)}, "
+                f"{x.dtype}; received {tuple(dy.shape)}, {dy.dtype}."
+            )
+    return xp, p, axes, eps
+
+
+def lp_norm(x: Array, p: float, axes: tuple[int, ...], *, xp: Any) -> Array:
+    """‖x‖_p over ``axes`` (keepdims) in the compute dtype; overflow-safe for general p."""
+    xc = as_compute(x, compute_dtype(xp, x.dtype), xp=xp)
+    if _size(x, axes) == 0:  # the norm of an empty vector is 0 (max() of nothing would fail)
+        return xp.sum(xp.abs(xc), axis=axes, keepdims=True)
+    if p == 2.0:
+        return xp.sqrt(xp.sum(xc * xc, axis=axes, keepdims=True))
+    if p == 1.0:
+        return xp.sum(xp.abs(xc), axis=axes, keepdims=True)
+    a = xp.abs(xc)
+    big = xp.max(a, axis=axes, keepdims=True)
+    if math.isinf(p):
+        return big
+    # Scale by the largest magnitude so |x|^p neither overflows nor underflows.
+    safe = xp.where(big > 0, big, xp.ones_like(big))
+    return big * xp.sum((a / safe) ** p, axis=axes, keepdims=True) ** (1.0 / p)
+
+
+def lp_forward(x: Array, p: float, axes: tuple[int, ...], eps: float, *, xp: Any):
+    """``(y, norm)`` where ``norm`` is the unclamped per-vector norm (keepdims, compute
+    dtype): all the backward needs besides ``x``."""
+    norm = lp_norm(x, p, axes, xp=xp)
+    xc = as_compute(x, norm.dtype, xp=xp)
+    y = xc / xp.clip(norm, min=eps)
+    return as_compute(y, x.dtype, xp=xp), norm
+
+
+def lp_backward(
+    dy: Array, x: Array, norm: Array, p: float, axes: tuple[int, ...], eps: float, *, xp: Any
+) -> Array:
+    """``dx`` for ``y = x / max(N, eps)``, ``N = ‖x‖_p``:
+
+    ``dx = g/N' − [N > eps] · sign(x)·(|x|/N)^(p−1) · Σ(g·x)/N'²`` with ``N' = max(N, eps)``;
+    for ``p = inf`` the subgradient of ``max|x|`` is shared equally among tied maxima."""
+    cdt = norm.dtype
+    g = as_compute(dy, cdt, xp=xp)
+    xc = as_compute(x, cdt, xp=xp)
+    inv = 1.0 / xp.clip(norm, min=eps)
+    dot = xp.sum(g * xc, axis=axes, keepdims=True)
+    coef = xp.where(norm > eps, dot * inv * inv, xp.zeros_like(dot))
+    if p == 2.0:
+        dx = (g - xc * coef) * inv
+    elif p == 1.0:
+        dx = g * inv - xp.sign(xc) * coef
+    elif math.isinf(p):
+        hit = xp.astype(xp.abs(xc) == norm, cdt)
+        count = xp.clip(xp.sum(hit, axis=axes, keepdims=True), min=1.0)
+        dx = g * inv - xp.sign(xc) * hit * (coef / count)
+    else:
+        safe = xp.where(norm > 0, norm, xp.ones_like(norm))
+        dx = g * inv - xp.sign(xc) * (xp.abs(xc) / safe) ** (p - 1.0) * coef
+    return as_compute(dx, x.dtype, xp=xp)
+
+
+def lp_normalize(x: Array, p: float = 2.0, axis: Any = -1, eps: float = 1e-12) -> Array:
+    r"""Lp-normalize ``x`` along ``axis``: ``y = x / max(‖x‖_p, eps)``.
+
+    Exactly the semantics of ``torch.nn.functional.normalize(x, p, dim=axis, eps)``: a
+    vector whose norm is at most ``eps`` is divided by ``eps`` (a zero vector maps to zero).
+
+    Parameters
+    ----------
+    x : array
+        Real floating input of any namespace (NumPy, CuPy, PyTorch, JAX, Dask,
+        array-api-strict). float16/bfloat16 are reduced in float32.
+    p : float, default 2.0
+        The exponent, a real number ``>= 1`` or ``math.inf`` (``‖x‖_inf = max|x|``).
+    axis : int, tuple of ints or None, default -1
+        Axes forming each vector; ``None`` normalizes the whole array as one vector.
+    eps : float, default 1e-12
+        Lower bound of the divisor (``>= 0``).
+
+    Returns
+    -------
+    array
+        ``y`` with the namespace, device, dtype and shape of ``x``.
+
+    See Also
+    --------
+    lp_normalize_backward : the explicit gradient.
+    """
+    func = "anynorm.functional.lp_normalize"
+    xp, p, axes, eps = _prepare(func, x, p, axis, eps)
+    return lp_forward(x, p, axes, eps, xp=xp)[0]
+
+
+def lp_normalize_backward(
+    dy: Array, x: Array, p: float = 2.0, axis: Any = -1, eps: float = 1e-12
+) -> Array:
+    r"""Input gradient of :func:`lp_normalize` for upstream gradient ``dy``.
+
+    With ``N = ‖x‖_p`` over ``axis`` and ``N' = max(N, eps)``:
+
+    ``dx = dy/N' − [N > eps] · sign(x)·(|x|/N)^(p−1) · Σ(dy·x) / N'²``
+
+    (for p = 2: ``dx = (dy − y·Σ(dy·y))/N``; for p = 1: ``dx = dy/S − sign(x)·Σ(dy·x)/S²``).
+    Where the norm is clamped to ``eps`` the map is linear, ``dx = dy/eps``: zero vectors get
+    a finite gradient. For ``p = inf`` the gradient of ``max|x|`` is split equally among tied
+    maxima (as torch does).
+
+    Returns
+    -------
+    array
+        ``dx`` with the namespace, device, dtype and shape of ``x``.
+    """
+    func = "anynorm.functional.lp_normalize_backward"
+    xp, p, axes, eps = _prepare(func, x, p, axis, eps, dy=dy)
+    norm = lp_norm(x, p, axes, xp=xp)
+    return lp_backward(dy, x, norm, p, axes, eps, xp=xp)
+
+
+def l2_normalize(x: Array, axis: Any = -1, eps: float = 1e-12) -> Array:
+    """``x / max(‖x‖_2, eps)`` along ``axis``; see :func:`lp_normalize`."""
+    return lp_normalize(x, 2.0, axis, eps)
+
+
+def l2_normalize_backward(dy: Array, x: Array, axis: Any = -1, eps: float = 1e-12) -> Array:
+    """``dx = (dy − y·Σ(dy·y)) / ‖x‖`` (``dy/eps`` where clamped); see
+    :func:`lp_normalize_backward`."""
+    return lp_normalize_backward(dy, x, 2.0, axis, eps)
+
+
+def l1_normalize(x: Array, axis: Any = -1, eps: float = 1e-12) -> Array:
+    """``x / max(Σ|x|, eps)`` along ``axis``; see :func:`lp_normalize`."""
+    return lp_normalize(x, 1.0, axis, eps)
+
+
+def l1_normalize_backward(dy: Array, x: Array, axis: Any = -1, eps: float = 1e-12) -> Array:
+    """``dx = dy/S − sign(x)·Σ(dy·x)/S²`` with ``S = max(Σ|x|, eps)``; see
+    :func:`lp_normalize_backward`."""
+    return lp_normalize_backward(dy, x, 1.0, axis, eps)
