@@ -5,16 +5,33 @@ API standard and run on NumPy, CuPy, PyTorch, JAX, Dask and array-api-strict arr
 """
 
 from . import functional
-from .layers import BatchNorm, L1Norm, L2Norm, Layer, LpNorm, load
+from .layers import (
+    BatchNorm,
+    GroupNorm,
+    InstanceNorm,
+    L1Norm,
+    L2Norm,
+    Layer,
+    LayerNorm,
+    LocalResponseNorm,
+    LpNorm,
+    RMSNorm,
+    load,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
     "L1Norm",
     "L2Norm",
     "Layer",
+    "LayerNorm",
+    "LocalResponseNorm",
     "LpNorm",
+    "RMSNorm",
     "__version__",
     "functional",
     "load",

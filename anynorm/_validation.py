@@ -44,7 +44,7 @@ def namespace(func: str, **arrays: Any) -> Any:
     names = list(given)
     spaces = [_compat.array_namespace(given[n]) for n in names]
     first = spaces[0]
-    for n, sp in zip(names[1:], spaces[1:]):
+    for n, sp in zip(names[1:], spaces[1:], strict=True):
         if sp is not first:
             raise TypeError(
                 f"{func}: all arrays must come from one namespace; `{names[0]}` is "
@@ -127,8 +127,9 @@ def check_axis_arg(func: str, axis: Any, name: str = "axis", allow_none: bool = 
         if len(set(axis)) != len(axis):
             raise ValueError(f"{func}: `{name}`={axis!r} repeats an axis; list each axis once.")
         return tuple(int(a) for a in axis)
+    kinds = ", a tuple of ints or None" if allow_none else " or a non-empty tuple of ints"
     raise TypeError(
-        f"{func}: `{name}` must be an int{', a tuple of ints or None' if allow_none else ' or a non-empty tuple of ints'}; "
+        f"{func}: `{name}` must be an int{kinds}; "
         f"received {_describe(axis)}. Pass e.g. {name}=-1 or {name}=(1, 2)."
     )
 
@@ -211,8 +212,10 @@ def check_bool(func: str, name: str, value: Any) -> bool:
 def check_shape(func: str, name: str, value: Any) -> tuple[int, ...]:
     """An int or a sequence of positive ints, as a tuple."""
     items = (value,) if _is_int(value) else value
-    if not isinstance(items, Sequence) or isinstance(items, str) or not all(
-        _is_int(s) for s in items
+    if (
+        not isinstance(items, Sequence)
+        or isinstance(items, str)
+        or not all(_is_int(s) for s in items)
     ):
         raise TypeError(
             f"{func}: `{name}` must be an int or a tuple of ints; received {_describe(value)}."

@@ -16,7 +16,7 @@ __all__ = ["batch_norm", "batch_norm_backward", "batch_norm_stats", "update_runn
 def broadcast_shape(ndim: int, axes: tuple[int, ...], sizes: tuple[int, ...]) -> tuple:
     """The keepdims shape that puts ``sizes`` on ``axes`` and 1 elsewhere."""
     shape = [1] * ndim
-    for a, s in zip(axes, sizes):
+    for a, s in zip(axes, sizes, strict=True):
         shape[a] = s
     return tuple(shape)
 
@@ -54,8 +54,7 @@ def _prepare(func, x, weight, bias, mean, var, axis, eps, dy=None):
         V.check_param(func, name, arr, fshape, xp)
     if (mean is None) != (var is None):
         raise ValueError(
-            f"{func}: pass both `mean` and `var` (frozen statistics) or neither (batch "
-            "statistics)."
+            f"{func}: pass both `mean` and `var` (frozen statistics) or neither (batch statistics)."
         )
     if mean is None:
         check_enough_values(func, x, red)
@@ -154,9 +153,7 @@ def batch_norm_backward(
         dtype (float32 for float16/bfloat16 input).
     """
     func = "anynorm.functional.batch_norm_backward"
-    xp, eps, red, fshape, cdt, shaped = _prepare(
-        func, x, weight, None, mean, var, axis, eps, dy=dy
-    )
+    xp, eps, red, fshape, cdt, shaped = _prepare(func, x, weight, None, mean, var, axis, eps, dy=dy)
     mu, istd = _stats(x, red, cdt, eps, mean, var, shaped, xp=xp)
     dx, dw, db = standardize_backward(
         dy, x, mu, istd, shaped(weight), red, red, frozen=mean is not None, xp=xp

@@ -44,6 +44,12 @@ def moments(x: Array, axes: tuple[int, ...], cdt: Any, *, xp: Any) -> tuple[Arra
     return mean, var
 
 
+def mean_square(x: Array, axes: tuple[int, ...], cdt: Any, *, xp: Any) -> Array:
+    """Mean of ``x²`` over ``axes`` (keepdims) in ``cdt``: the RMS statistic."""
+    xc = as_compute(x, cdt, xp=xp)
+    return xp.mean(xc * xc, axis=axes, keepdims=True)
+
+
 def inv_std(var: Array, eps: float, *, xp: Any) -> Array:
     return 1.0 / xp.sqrt(var + eps)
 

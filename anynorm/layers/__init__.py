@@ -2,6 +2,20 @@
 
 from ._base import Layer, LoadResult, load
 from ._batch_norm import BatchNorm
+from ._family import GroupNorm, InstanceNorm, LayerNorm, LocalResponseNorm, RMSNorm
 from ._lp import L1Norm, L2Norm, LpNorm
 
-__all__ = ["BatchNorm", "L1Norm", "L2Norm", "Layer", "LoadResult", "LpNorm", "load"]
+__all__ = [
+    "BatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "L1Norm",
+    "L2Norm",
+    "Layer",
+    "LayerNorm",
+    "LoadResult",
+    "LocalResponseNorm",
+    "LpNorm",
+    "RMSNorm",
+    "load",
+]

@@ -298,24 +298,37 @@ class Layer:
                 learned = got
             elif got != tuple(want):
                 bad.append(f"{k}: expected {tuple(want)}, received {got}")
-        if "num_batches_tracked" in state and tuple(getattr(state["num_batches_tracked"],
-                                                            "shape", ())) != ():
-            bad.append(f"num_batches_tracked: expected (), received "
-                       f"{tuple(state['num_batches_tracked'].shape)}")
+        if (
+            "num_batches_tracked" in state
+            and tuple(getattr(state["num_batches_tracked"], "shape", ())) != ()
+        ):
+            bad.append(
+                f"num_batches_tracked: expected (), received "
+                f"{tuple(state['num_batches_tracked'].shape)}"
+            )
         if bad:
             raise ValueError(f"{func}: mis-shaped entries: {'; '.join(bad)}.")
         if learned is not None:
             self._set_feature_shape(learned)
         if not self._holds_arrays:
-            first = next((state[k] for k in expected if k in state and
-                          _compat.is_array(state[k]) and k != "num_batches_tracked"), None)
+            first = next(
+                (
+                    state[k]
+                    for k in expected
+                    if k in state and _compat.is_array(state[k]) and k != "num_batches_tracked"
+                ),
+                None,
+            )
             xp = self._xp or (_compat.array_namespace(first) if first is not None else None)
             if xp is None:
                 return LoadResult(missing, unexpected)
             dev = self._device
             if dev is None:
-                dev = (_compat.device(first) if first is not None and
-                       _compat.array_namespace(first) is xp else _compat.device(xp.asarray([0.0])))
+                dev = (
+                    _compat.device(first)
+                    if first is not None and _compat.array_namespace(first) is xp
+                    else _compat.device(xp.asarray([0.0]))
+                )
             dtype = self._dtype
             if dtype is None:
                 dtype = _compat.convert(first, xp).dtype if first is not None else None
@@ -475,7 +488,10 @@ def load(path: str | os.PathLike, xp: Any = None, device: Any = None) -> Layer:
     try:
         meta = json.loads(str(raw[()]))
         fmt, version, cls_name, config = (
-            meta["format"], meta["format_version"], meta["class"], meta["config"]
+            meta["format"],
+            meta["format_version"],
+            meta["class"],
+            meta["config"],
         )
     except (json.JSONDecodeError, KeyError, TypeError, IndexError) as exc:
         raise ValueError(f"{func}: {path!r} has an unreadable config entry: {exc}") from exc

@@ -149,8 +149,9 @@ class BatchNorm(_RunningStatsMixin, Layer):
         if self.affine:
             shapes.update(weight=self._fshape, bias=self._fshape)
         if self.track_running_stats:
-            shapes.update(running_mean=self._fshape, running_var=self._fshape,
-                          num_batches_tracked=())
+            shapes.update(
+                running_mean=self._fshape, running_var=self._fshape, num_batches_tracked=()
+            )
         return shapes
 
     def _set_feature_shape(self, shape: tuple[int, ...]) -> None:

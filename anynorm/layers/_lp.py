@@ -74,8 +74,15 @@ class L2Norm(LpNorm):
     Replaces NumPyNet's ``L2Norm_layer`` (whose eps sits inside the sqrt and whose backward
     is not a gradient) and Keras's ``UnitNormalization`` / ``Lambda(K.l2_normalize)``."""
 
-    def __init__(self, axis: int | tuple[int, ...] | None = -1, eps: float = 1e-12, *,
-                 xp: Any = None, device: Any = None, dtype: Any = None) -> None:
+    def __init__(
+        self,
+        axis: int | tuple[int, ...] | None = -1,
+        eps: float = 1e-12,
+        *,
+        xp: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
         super().__init__(2.0, axis, eps, xp=xp, device=device, dtype=dtype)
 
     def _config(self) -> dict:
@@ -89,8 +96,15 @@ class L1Norm(LpNorm):
 
     Replaces NumPyNet's ``L1Norm_layer`` (whose backward is not a gradient)."""
 
-    def __init__(self, axis: int | tuple[int, ...] | None = -1, eps: float = 1e-12, *,
-                 xp: Any = None, device: Any = None, dtype: Any = None) -> None:
+    def __init__(
+        self,
+        axis: int | tuple[int, ...] | None = -1,
+        eps: float = 1e-12,
+        *,
+        xp: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
         super().__init__(1.0, axis, eps, xp=xp, device=device, dtype=dtype)
 
     def _config(self) -> dict:
