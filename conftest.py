@@ -60,13 +60,16 @@ class Case:
         """A float64 NumPy array as an array of this case (rounded to its dtype)."""
         a = np.asarray(a, dtype=np.float64)
         dtype = self.dtype if dtype is None else dtype
-        dname = str(dtype).split(".")[-1]
+        dname = dtype.__name__ if isinstance(dtype, type) else str(dtype).split(".")[-1]
         if self.backend == "numpy":
             return np.asarray(a, dtype=dtype)
         if self.backend == "dask":
             import dask.array as da
 
-            chunks = tuple(max(1, s // 2) for s in a.shape)  # reductions cross chunks
+            # two chunks along the first and the last axis: reductions cross chunk borders
+            chunks = tuple(
+                max(1, s // 2) if i in (0, a.ndim - 1) else s for i, s in enumerate(a.shape)
+            )
             return da.from_array(a.astype(dname), chunks=chunks)
         if self.backend == "torch":
             import torch

@@ -144,29 +144,22 @@ def to_numpy(x: Array) -> Any:
 
 def convert(x: Array, xp: Namespace, dev: Any = None, dtype: Any = None) -> Array:
     """A copy of ``x`` in namespace ``xp`` on device ``dev`` (DLPack where it works, a host
-    round trip otherwise), optionally cast to ``dtype``."""
-    src = array_namespace(x)
-    out = None
-    if src is xp:
-        out = xp.asarray(x, copy=True)
-        if dev is not None:
-            out = to_device(out, dev)
+    round trip otherwise), optionally cast to ``dtype``. The cast happens before the device
+    move, so float64 data can land on a device without float64 as float32."""
+    copied = False
+    if array_namespace(x) is xp:
+        out = x
     else:
         try:
-            out = xp.from_dlpack(x)
-            if dev is not None:
-                out = to_device(out, dev)
-            out = xp.asarray(out, copy=True)
+            out = xp.from_dlpack(x)  # zero-copy where both sides allow it
         except Exception:  # no DLPack path between these two (dask, cross-device): host copy
-            out = None
-        if out is None:
-            host = to_numpy(x)
-            if is_dask_namespace(xp):
-                out = xp.asarray(host)
-            else:
-                out = xp.asarray(host, device=dev) if dev is not None else xp.asarray(host)
+            out, copied = xp.asarray(to_numpy(x)), True
     if dtype is not None and out.dtype != dtype:
-        out = xp.astype(out, dtype)
+        out, copied = xp.astype(out, dtype), True
+    if dev is not None and device(out) != dev:
+        out, copied = to_device(out, dev), True
+    if not copied:
+        out = xp.asarray(out, copy=True)
     return out
 
 

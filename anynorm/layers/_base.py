@@ -330,8 +330,9 @@ class Layer:
                     else _compat.device(xp.asarray([0.0]))
                 )
             dtype = self._dtype
-            if dtype is None:
-                dtype = _compat.convert(first, xp).dtype if first is not None else None
+            if dtype is None and first is not None:
+                # the state's own dtype; float32 for float16/bfloat16 (parameter policy)
+                dtype = _compat.compute_dtype(xp, _compat.convert(first, xp).dtype)
             self._materialize(xp, dev, dtype)
         xp = self._xp
         for k in expected:
@@ -355,13 +356,14 @@ class Layer:
         self._cache = None
         return LoadResult(missing, unexpected)
 
-    def to(self, target: Any, device: Any = None) -> Layer:
+    def to(self, target: Any, device: Any = None, dtype: Any = None) -> Layer:
         """Move params, grads, buffers and SGD velocity to another namespace and/or device.
 
         ``target`` is an array namespace (``numpy``, ``torch``, ``cupy``, ``jax.numpy``,
         ``dask.array``, ``array_api_strict``) or an array whose namespace and device to use.
-        Uses DLPack where possible, else a host copy. The forward cache is dropped: run a new
-        forward before the next backward. Returns the layer."""
+        ``dtype`` (a floating dtype of ``target``) also casts the floating arrays. Uses DLPack
+        where possible, else a host copy. The forward cache is dropped: run a new forward
+        before the next backward. Returns the layer."""
         xp = _compat.namespace_of(target)
         if device is None and _compat.is_array(target):
             device = _compat.device(target)
@@ -369,12 +371,15 @@ class Layer:
             device = _compat.device(xp.asarray([0.0]))
         for store in (self.params, self.grads, self.buffers, self._velocity):
             for k, v in store.items():
-                store[k] = _compat.convert(v, xp, device)
+                cast = dtype if dtype is not None and k != "num_batches_tracked" else None
+                store[k] = _compat.convert(v, xp, device, cast)
         self._xp, self._device = xp, device
-        if self._holds_arrays:
-            self._dtype = next(iter({**self.params, **self.buffers}.values())).dtype
-            if self._dtype == _compat.index_dtype(xp, device):
-                self._dtype = None
+        if dtype is not None:
+            self._dtype = dtype
+        elif self.params or set(self.buffers) - {"num_batches_tracked"}:
+            self._dtype = next(
+                v for k, v in {**self.params, **self.buffers}.items() if k != "num_batches_tracked"
+            ).dtype
         self._cache = None
         self._out = None
         return self
