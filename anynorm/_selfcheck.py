@@ -587,9 +587,11 @@ def _check(spec: Spec, exp: Expected, target: Target) -> Row:
     errs = {"input gradient": rel_err(to_numpy(dx), exp.dx)}
     for name in spec.params:
         got = layer.grads.get(name)
-        errs[f"{name} gradient"] = (
-            math.inf if got is None else rel_err(to_numpy(got), exp.grads[name])
-        )
+        if got is None:
+            errs[f"{name} gradient"] = math.inf
+            continue
+        row.problems += _same_kind(f"{name} gradient", got, x, exp.grads[name].shape)
+        errs[f"{name} gradient"] = rel_err(to_numpy(got), exp.grads[name])
     row.bwd = max(errs.values())
     if not row.fwd <= tol:
         row.problems.append(f"output: relative error {row.fwd:.2g} > {tol:.0e}")

@@ -1,0 +1,135 @@
+"""The self-check ``python -m anynorm``: output, exit status and the reserved subcommand."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import anynorm
+from anynorm import _selfcheck
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def layer_class_names() -> list[str]:
+    return [
+        name
+        for name in anynorm.__all__
+        if isinstance(getattr(anynorm, name), type)
+        and issubclass(getattr(anynorm, name), anynorm.Layer)
+        and getattr(anynorm, name) is not anynorm.Layer
+    ]
+
+
+def run_module(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "anynorm", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_module_runs_and_passes():
+    proc = run_module("--quick")
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "anynorm self-check" in out
+    for name in ("anynorm", "array-api-compat", "python", "platform", "numpy"):
+        assert any(line.split()[:1] == [name] for line in out.splitlines()), name
+    assert f"anynorm           {anynorm.__version__}" in out
+    numpy_rows = [line for line in out.splitlines() if line.startswith("numpy ")]
+    for cls in layer_class_names():
+        assert any(f" {cls}" in row and row.rstrip().endswith("ok") for row in numpy_rows), cls
+    assert "FAIL" not in out
+    assert "warning: layers not covered" not in out
+    last = [line for line in out.splitlines() if line.strip()][-1]
+    assert " checks, 0 failed" in last
+
+
+def test_broken_gradient_fails(monkeypatch, capsys):
+    from anynorm.layers import _lp
+
+    real = _lp.lp_backward
+
+    def wrong(*args, **kwargs):
+        return 2.0 * real(*args, **kwargs)
+
+    monkeypatch.setattr(_lp, "lp_backward", wrong)
+    assert _selfcheck.main(["--backend", "numpy", "--quick"]) == 1
+    out = capsys.readouterr().out
+    fails = [line for line in out.splitlines() if line.rstrip().endswith("FAIL")]
+    assert {line.split()[3] for line in fails} == {"L1Norm", "L2Norm", "LpNorm(p=3)"}
+    assert "FAIL numpy cpu float64 L2Norm: input gradient: relative error" in out
+    assert "3 failed" in out
+
+
+def test_broken_weight_handling_fails(monkeypatch, capsys):
+    """A layer that ignores a loaded (random) weight shows up in the forward error."""
+    from anynorm.layers import _family
+
+    real = _family.LayerNorm._cast
+
+    def ones_weight(self, name, cdt, bshape, xp):
+        a = real(self, name, cdt, bshape, xp)
+        return xp.ones_like(a) if name == "weight" else a
+
+    monkeypatch.setattr(_family.LayerNorm, "_cast", ones_weight)
+    assert _selfcheck.main(["--backend", "numpy", "--quick"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL numpy cpu float64 LayerNorm: output: relative error" in out
+
+
+def test_crash_is_a_failure_not_the_end(monkeypatch, capsys):
+    from anynorm.layers import _family
+
+    def boom(self, x, xp):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(_family.GroupNorm, "_forward", boom)
+    assert _selfcheck.main(["--backend", "numpy", "--quick"]) == 1
+    out = capsys.readouterr().out
+    assert "GroupNorm: raised RuntimeError: kaboom" in out
+    assert "10 checks, 1 failed" in out
+
+
+def test_bench_is_reserved(capsys):
+    assert _selfcheck.main(["bench"]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_unknown_backend_is_a_usage_error(capsys):
+    assert _selfcheck.main(["--backend", "numpy,tensorflow"]) == 2
+    assert "unknown backend(s) 'tensorflow'" in capsys.readouterr().err
+
+
+def test_timing_column(capsys):
+    assert _selfcheck.main(["--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("numpy ")]
+    assert len(rows) == 10
+    for row in rows:
+        assert float(row[-2]) > 0  # ms/call
+
+
+def test_missing_numpy_is_explained():
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "from anynorm._selfcheck import main\n"
+        "sys.exit(main(['--quick']))\n"
+    )
+    proc = run_module(code=code)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert 'pip install "anynorm[numpy]"' in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("module", ["anynorm", "anynorm._selfcheck"])
+def test_import_pulls_in_no_backend(module):
+    code = (
+        f"import sys, {module}\n"
+        "heavy = {'numpy', 'torch', 'jax', 'dask', 'cupy', 'array_api_strict'}\n"
+        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n"
+    )
+    proc = run_module(code=code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
