@@ -6,7 +6,6 @@ array API standard it papers over. Layer math never imports numpy, torch, cupy, 
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import array_api_compat
@@ -52,6 +51,12 @@ def array_namespace(*arrays: Array) -> Namespace:
 def device(x: Array) -> Any:
     """The device of ``x`` (works on NumPy arrays and dask arrays, which lack ``.device``)."""
     return array_api_compat.device(x)
+
+
+def same_device(a: Any, b: Any) -> bool:
+    """Device equality where an unknown device matches anything: JAX tracers inside
+    ``jax.jit`` report no concrete device (``device(tracer)`` is None)."""
+    return a is None or b is None or a == b
 
 
 def to_device(x: Array, dev: Any) -> Array:
@@ -163,6 +168,6 @@ def convert(x: Array, xp: Namespace, dev: Any = None, dtype: Any = None) -> Arra
     return out
 
 
-def loaded_modules() -> set[str]:
-    """Top-level modules imported so far (used by the no-heavy-imports test)."""
-    return {name.split(".")[0] for name in sys.modules}
+def compat_version() -> str:
+    """The installed array-api-compat version (for the self-check's header)."""
+    return array_api_compat.__version__

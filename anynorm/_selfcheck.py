@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
+from . import _compat
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -178,9 +180,9 @@ def _make_targets(backend: str) -> list[Target]:
         out.append(Target(backend, name, xp, dev, _float_dtype_name(xp, dev)))
 
     if backend == "numpy":
-        import array_api_compat.numpy as xp
+        import numpy
 
-        add(xp, "cpu", "cpu")
+        add(_compat.namespace_of(numpy), "cpu", "cpu")
     elif backend == "array_api_strict":
         xp = importlib.import_module("array_api_strict")
         for name in ("CPU_DEVICE", "device1", "no_float64"):
@@ -188,9 +190,9 @@ def _make_targets(backend: str) -> list[Target]:
             if dev in xp.__array_namespace_info__().devices():
                 add(xp, dev, name)
     elif backend == "torch":
-        import array_api_compat.torch as xp
         import torch
 
+        xp = _compat.namespace_of(torch)
         add(xp, torch.device("cpu"), "cpu")
         if torch.cuda.is_available():
             add(xp, torch.device("cuda", 0), "cuda:0")
@@ -204,12 +206,13 @@ def _make_targets(backend: str) -> list[Target]:
         dev = jax.devices()[0]
         add(xp, dev, f"{dev.platform}:{dev.id}")
     elif backend == "dask":
-        import array_api_compat.dask.array as xp
+        import dask.array
 
-        add(xp, "cpu", "cpu")
+        add(_compat.namespace_of(dask.array), "cpu", "cpu")
     elif backend == "cupy":
-        import array_api_compat.cupy as xp
         import cupy
+
+        xp = _compat.namespace_of(cupy)
 
         if cupy.cuda.runtime.getDeviceCount() < 1:
             raise Unavailable("installed, but no CUDA device is visible")
@@ -549,8 +552,6 @@ def _load(layer: Any, target: Target, state: Mapping[str, Any], batch_chunks: bo
 
 def _same_kind(what: str, got: Array, like: Array, shape: tuple[int, ...]) -> list[str]:
     """Problems with ``got``'s namespace, dtype, device or shape (compared with ``like``)."""
-    from anynorm import _compat
-
     problems = []
     if _compat.array_namespace(got) is not _compat.array_namespace(like):
         problems.append(f"{what} is a {type(got).__name__}, not a {type(like).__name__}")
@@ -636,13 +637,11 @@ def _time(spec: Spec, index: int, target: Target) -> float:
 def _versions() -> list[tuple[str, str]]:
     """``(name, version)`` of anynorm, array-api-compat, Python, the platform, and every
     backend (``"not installed"`` where absent)."""
-    import array_api_compat
-
     import anynorm
 
     rows = [
         ("anynorm", f"{anynorm.__version__} ({anynorm.__path__[0]})"),
-        ("array-api-compat", array_api_compat.__version__),
+        ("array-api-compat", _compat.compat_version()),
         ("python", f"{platform.python_version()} ({platform.python_implementation()})"),
         ("platform", platform.platform()),
     ]

@@ -54,7 +54,7 @@ def namespace(func: str, **arrays: Any) -> Any:
     dev0 = _compat.device(given[names[0]])
     for n in names[1:]:
         dev = _compat.device(given[n])
-        if dev != dev0:
+        if not _compat.same_device(dev, dev0):
             raise ValueError(
                 f"{func}: all arrays must be on one device; `{names[0]}` is on {dev0} but "
                 f"`{n}` is on {dev}. Move `{n}` to {dev0} first."
@@ -257,7 +257,7 @@ def check_grad(func: str, dy: Any, expected: dict) -> None:
             f"{expected['dtype']}; cast dy to {expected['dtype']}."
         )
     dev = _compat.device(dy)
-    if dev != expected["device"]:
+    if not _compat.same_device(dev, expected["device"]):
         raise ValueError(
             f"{func}: `dy` is on device {dev} but the last output is on {expected['device']}; "
             "move dy there first."

@@ -152,8 +152,10 @@ def test_functional_argument_errors(bk, kwargs, exc, match):
 
 
 def test_integer_input_is_a_type_error(bk):
-    x = bk.xp.ones((2, 3), dtype=bk.xp.int32, device=bk.device) if bk.backend != "dask" else (
-        bk.xp.ones((2, 3), dtype=bk.xp.int32)
+    x = (
+        bk.xp.ones((2, 3), dtype=bk.xp.int32, device=bk.device)
+        if bk.backend != "dask"
+        else (bk.xp.ones((2, 3), dtype=bk.xp.int32))
     )
     with pytest.raises(TypeError, match="`x` must have a real floating dtype"):
         F.l2_normalize(x)
