@@ -20,24 +20,47 @@ B5 = np.linspace(-0.2, 0.2, 5)
 
 # name -> (forward(x, w, b), backward(dy, x, w) -> dx, weight/bias sizes or None)
 CASES = {
-    "l2": (lambda x, w, b: F.l2_normalize(x, axis=1), lambda g, x, w: F.l2_normalize_backward(
-        g, x, axis=1), None),
-    "l1": (lambda x, w, b: F.l1_normalize(x), lambda g, x, w: F.l1_normalize_backward(g, x),
-           None),
-    "lp3": (lambda x, w, b: F.lp_normalize(x, 3.0, axis=(1, 2)),
-            lambda g, x, w: F.lp_normalize_backward(g, x, 3.0, axis=(1, 2)), None),
-    "batch_norm": (lambda x, w, b: F.batch_norm(x, w, b),
-                   lambda g, x, w: F.batch_norm_backward(g, x, w)[0], 6),
-    "layer_norm": (lambda x, w, b: F.layer_norm(x, w, b, axis=-1),
-                   lambda g, x, w: F.layer_norm_backward(g, x, w, axis=-1)[0], 5),
-    "group_norm": (lambda x, w, b: F.group_norm(x, 3, w, b),
-                   lambda g, x, w: F.group_norm_backward(g, x, 3, w)[0], 6),
-    "instance_norm": (lambda x, w, b: F.instance_norm(x, w, b),
-                      lambda g, x, w: F.instance_norm_backward(g, x, w)[0], 6),
-    "rms_norm": (lambda x, w, b: F.rms_norm(x, w, axis=-1),
-                 lambda g, x, w: F.rms_norm_backward(g, x, w, axis=-1)[0], 5),
-    "lrn": (lambda x, w, b: F.local_response_norm(x, 3, alpha=0.2),
-            lambda g, x, w: F.local_response_norm_backward(g, x, 3, alpha=0.2), None),
+    "l2": (
+        lambda x, w, b: F.l2_normalize(x, axis=1),
+        lambda g, x, w: F.l2_normalize_backward(g, x, axis=1),
+        None,
+    ),
+    "l1": (lambda x, w, b: F.l1_normalize(x), lambda g, x, w: F.l1_normalize_backward(g, x), None),
+    "lp3": (
+        lambda x, w, b: F.lp_normalize(x, 3.0, axis=(1, 2)),
+        lambda g, x, w: F.lp_normalize_backward(g, x, 3.0, axis=(1, 2)),
+        None,
+    ),
+    "batch_norm": (
+        lambda x, w, b: F.batch_norm(x, w, b),
+        lambda g, x, w: F.batch_norm_backward(g, x, w)[0],
+        6,
+    ),
+    "layer_norm": (
+        lambda x, w, b: F.layer_norm(x, w, b, axis=-1),
+        lambda g, x, w: F.layer_norm_backward(g, x, w, axis=-1)[0],
+        5,
+    ),
+    "group_norm": (
+        lambda x, w, b: F.group_norm(x, 3, w, b),
+        lambda g, x, w: F.group_norm_backward(g, x, 3, w)[0],
+        6,
+    ),
+    "instance_norm": (
+        lambda x, w, b: F.instance_norm(x, w, b),
+        lambda g, x, w: F.instance_norm_backward(g, x, w)[0],
+        6,
+    ),
+    "rms_norm": (
+        lambda x, w, b: F.rms_norm(x, w, axis=-1),
+        lambda g, x, w: F.rms_norm_backward(g, x, w, axis=-1)[0],
+        5,
+    ),
+    "lrn": (
+        lambda x, w, b: F.local_response_norm(x, 3, alpha=0.2),
+        lambda g, x, w: F.local_response_norm_backward(g, x, 3, alpha=0.2),
+        None,
+    ),
 }
 
 

@@ -165,7 +165,7 @@ def test_one_value_per_feature_in_training_is_an_error(bk, shape):
     with pytest.raises(ValueError, match="expected more than 1 value per feature"):
         F.batch_norm(x)
     layer = anynorm.BatchNorm(3)
-    layer(bk.asarray(np.arange(6.0).reshape((2, 3) + shape[2:])))
+    layer(bk.asarray(np.arange(6.0).reshape((2, 3, *shape[2:]))))
     layer.eval()
     bk.check(layer(x), shape)  # running statistics: fine with one sample
 

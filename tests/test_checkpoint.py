@@ -149,7 +149,7 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
     layer.save(path)
     data = path.read_bytes()
     (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="not a readable anynorm checkpoint|truncated"):
+    with pytest.raises(ValueError, match=r"not a readable anynorm checkpoint|truncated"):
         anynorm.load(tmp_path / "cut.npz")
     (tmp_path / "text.npz").write_text("hello")
     with pytest.raises(ValueError, match="not a readable anynorm checkpoint"):

@@ -16,15 +16,25 @@ def test_import_pulls_in_no_backend():
         f"heavy = {HEAVY!r}\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_version_and_public_api():
     assert anynorm.__version__ == "0.1.0"
-    for name in ("BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm",
-                 "LocalResponseNorm", "LpNorm", "L1Norm", "L2Norm", "load", "functional"):
+    for name in (
+        "BatchNorm",
+        "LayerNorm",
+        "GroupNorm",
+        "InstanceNorm",
+        "RMSNorm",
+        "LocalResponseNorm",
+        "LpNorm",
+        "L1Norm",
+        "L2Norm",
+        "load",
+        "functional",
+    ):
         assert name in anynorm.__all__ and hasattr(anynorm, name)
     for name in anynorm.functional.__all__:
         assert callable(getattr(anynorm.functional, name))

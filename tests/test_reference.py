@@ -40,24 +40,34 @@ def test_layer_group_instance_rms(torch, rng):
     F = torch.nn.functional
     x = rng.standard_normal((3, 6, 4, 5))
     w, b = rng.standard_normal((4, 5)), rng.standard_normal((4, 5))
-    np.testing.assert_allclose(ref.layer_norm(x, w, b, axis=(2, 3)),
-                               F.layer_norm(t(x), (4, 5), t(w), t(b)).numpy(), atol=1e-12)
+    np.testing.assert_allclose(
+        ref.layer_norm(x, w, b, axis=(2, 3)),
+        F.layer_norm(t(x), (4, 5), t(w), t(b)).numpy(),
+        atol=1e-12,
+    )
     wc, bc = rng.standard_normal(6), rng.standard_normal(6)
-    np.testing.assert_allclose(ref.group_norm(x, 3, wc, bc),
-                               F.group_norm(t(x), 3, t(wc), t(bc)).numpy(), atol=1e-12)
-    np.testing.assert_allclose(ref.instance_norm(x, wc, bc),
-                               F.instance_norm(t(x), weight=t(wc), bias=t(bc)).numpy(),
-                               atol=1e-12)
-    np.testing.assert_allclose(ref.rms_norm(x, w, axis=(2, 3), eps=1e-6),
-                               F.rms_norm(t(x), (4, 5), t(w), eps=1e-6).numpy(), atol=1e-12)
+    np.testing.assert_allclose(
+        ref.group_norm(x, 3, wc, bc), F.group_norm(t(x), 3, t(wc), t(bc)).numpy(), atol=1e-12
+    )
+    np.testing.assert_allclose(
+        ref.instance_norm(x, wc, bc),
+        F.instance_norm(t(x), weight=t(wc), bias=t(bc)).numpy(),
+        atol=1e-12,
+    )
+    np.testing.assert_allclose(
+        ref.rms_norm(x, w, axis=(2, 3), eps=1e-6),
+        F.rms_norm(t(x), (4, 5), t(w), eps=1e-6).numpy(),
+        atol=1e-12,
+    )
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 8])
 def test_local_response_norm(torch, rng, size):
     x = rng.standard_normal((2, 6, 3, 4))
     expect = torch.nn.functional.local_response_norm(torch.tensor(x), size, alpha=0.3, k=1.5)
-    np.testing.assert_allclose(ref.local_response_norm(x, size, alpha=0.3, k=1.5),
-                               expect.numpy(), atol=1e-12)
+    np.testing.assert_allclose(
+        ref.local_response_norm(x, size, alpha=0.3, k=1.5), expect.numpy(), atol=1e-12
+    )
 
 
 def test_finite_differences_are_accurate(torch, rng):
