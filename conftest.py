@@ -268,3 +268,16 @@ def rng():
 def torch_oracle():
     """torch in float64 on the CPU: the independent oracle (skips, with the reason, if absent)."""
     return pytest.importorskip("torch", reason="torch (the float64 oracle) is not installed")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests restricted (by marker) to backends or dtypes not selected in this run are
+    deselected, not reported as skips: they are not applicable here, nothing was skipped."""
+    keep, drop = [], []
+    for item in items:
+        skip = item.get_closest_marker("skip")
+        reason = "" if skip is None else str(skip.kwargs.get("reason", ""))
+        (drop if reason.startswith("got empty parameter set") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

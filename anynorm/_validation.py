@@ -134,6 +134,16 @@ def check_axis_arg(func: str, axis: Any, name: str = "axis", allow_none: bool = 
     )
 
 
+def check_channel_axis(func: str, axis: Any) -> int:
+    """The channel ``axis`` of group/instance/local-response norm: one int."""
+    if not _is_int(axis):
+        raise TypeError(
+            f"{func}: `axis` (the channel axis) must be an int; received {_describe(axis)}. "
+            "Use axis=1 for channels-first or axis=-1 for channels-last input."
+        )
+    return int(axis)
+
+
 def check_number(
     func: str,
     name: str,

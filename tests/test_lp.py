@@ -43,7 +43,8 @@ def test_backward_matches_torch_autograd(bk, rng, torch_oracle, p, axis):
     layer = anynorm.LpNorm(p, axis)
     y = layer(bk.asarray(x))
     bk.check(y, x.shape)
-    bk.close(y, yt.detach().numpy())
+    # the bar: forward within 1e-12 of torch.nn.functional.normalize in float64
+    bk.close(y, yt.detach().numpy(), tol=1e-12 if bk.dtype_name == "float64" else None)
     dxl = layer.backward(bk.asarray(g))
     bk.check(dxl, x.shape, what="layer dx")
     bk.close(dxl, xt.grad.numpy(), what="layer dx")

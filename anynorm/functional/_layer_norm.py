@@ -37,6 +37,20 @@ def _shaped(a, cdt, shape, *, xp):
     return None if a is None else xp.reshape(as_compute(a, cdt, xp=xp), shape)
 
 
+def _normalize(x, axes, weight, bias, bshape, cdt, eps, *, xp):
+    """Standardize over ``axes`` with statistics of ``x``, then the affine map."""
+    mean, var = moments(x, axes, cdt, xp=xp)
+    weight, bias = _shaped(weight, cdt, bshape, xp=xp), _shaped(bias, cdt, bshape, xp=xp)
+    return standardize(x, mean, inv_std(var, eps, xp=xp), weight, bias, axes, xp=xp)
+
+
+def _normalize_backward(dy, x, axes, params, weight, bshape, cdt, eps, *, xp):
+    """The shared standardize backward with the statistics recomputed from ``x``."""
+    mean, var = moments(x, axes, cdt, xp=xp)
+    weight = _shaped(weight, cdt, bshape, xp=xp)
+    return standardize_backward(dy, x, mean, inv_std(var, eps, xp=xp), weight, axes, params, xp=xp)
+
+
 # --------------------------------------------------------------------------- layer norm
 def layer_layout(func: str, x: Array, axis: Any):
     """``(axes, param_shape, bshape, param_axes)`` for layer norm over ``axis``."""
@@ -71,16 +85,7 @@ def layer_norm(
     axes, pshape, bshape, _ = layer_layout(func, x, axis)
     V.check_param(func, "weight", weight, pshape, xp)
     V.check_param(func, "bias", bias, pshape, xp)
-    mean, var = moments(x, axes, cdt, xp=xp)
-    return standardize(
-        x,
-        mean,
-        inv_std(var, eps, xp=xp),
-        _shaped(weight, cdt, bshape, xp=xp),
-        _shaped(bias, cdt, bshape, xp=xp),
-        axes,
-        xp=xp,
-    )
+    return _normalize(x, axes, weight, bias, bshape, cdt, eps, xp=xp)
 
 
 def layer_norm_backward(
@@ -94,26 +99,14 @@ def layer_norm_backward(
     xp, eps, cdt = _common(func, x, eps, dy, weight=weight)
     axes, pshape, bshape, rest = layer_layout(func, x, axis)
     V.check_param(func, "weight", weight, pshape, xp)
-    mean, var = moments(x, axes, cdt, xp=xp)
-    dx, dw, db = standardize_backward(
-        dy,
-        x,
-        mean,
-        inv_std(var, eps, xp=xp),
-        _shaped(weight, cdt, bshape, xp=xp),
-        axes,
-        rest,
-        xp=xp,
-    )
+    dx, dw, db = _normalize_backward(dy, x, axes, rest, weight, bshape, cdt, eps, xp=xp)
     return dx, xp.reshape(dw, pshape), xp.reshape(db, pshape)
 
 
 # --------------------------------------------------------------------------- group norm
 def channel_axis(func: str, x: Array, axis: Any, min_ndim: int, hint: str) -> int:
     V.check_ndim(func, "x", x, min_ndim, hint)
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"{func}: `axis` (the channel axis) must be an int; received {axis!r}.")
-    (c,) = V.normalize_axis(func, axis, x.ndim)
+    (c,) = V.normalize_axis(func, V.check_channel_axis(func, axis), x.ndim)
     if c == 0:
         raise ValueError(
             f"{func}: `axis`={axis!r} is the batch axis 0; the channel axis must be 1..."
@@ -164,17 +157,7 @@ def group_norm(
     gshape, stats, bshape, _, n_ch = group_layout(func, x, num_groups, axis)
     V.check_param(func, "weight", weight, (n_ch,), xp)
     V.check_param(func, "bias", bias, (n_ch,), xp)
-    xg = xp.reshape(x, gshape)
-    mean, var = moments(xg, stats, cdt, xp=xp)
-    y = standardize(
-        xg,
-        mean,
-        inv_std(var, eps, xp=xp),
-        _shaped(weight, cdt, bshape, xp=xp),
-        _shaped(bias, cdt, bshape, xp=xp),
-        stats,
-        xp=xp,
-    )
+    y = _normalize(xp.reshape(x, gshape), stats, weight, bias, bshape, cdt, eps, xp=xp)
     return xp.reshape(y, x.shape)
 
 
@@ -193,16 +176,15 @@ def group_norm_backward(
     xp, eps, cdt = _common(func, x, eps, dy, weight=weight)
     gshape, stats, bshape, params, n_ch = group_layout(func, x, num_groups, axis)
     V.check_param(func, "weight", weight, (n_ch,), xp)
-    xg = xp.reshape(x, gshape)
-    mean, var = moments(xg, stats, cdt, xp=xp)
-    dx, dw, db = standardize_backward(
+    dx, dw, db = _normalize_backward(
         xp.reshape(dy, gshape),
-        xg,
-        mean,
-        inv_std(var, eps, xp=xp),
-        _shaped(weight, cdt, bshape, xp=xp),
+        xp.reshape(x, gshape),
         stats,
         params,
+        weight,
+        bshape,
+        cdt,
+        eps,
         xp=xp,
     )
     return xp.reshape(dx, x.shape), xp.reshape(dw, (n_ch,)), xp.reshape(db, (n_ch,))

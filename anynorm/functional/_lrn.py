@@ -44,9 +44,7 @@ def _prepare(func, x, size, alpha, beta, k, axis, dy=None):
     beta = V.check_number(func, "beta", beta)
     k = V.check_number(func, "k", k)
     V.check_ndim(func, "x", x, 1)
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"{func}: `axis` (the channel axis) must be an int; received {axis!r}.")
-    (ax,) = V.normalize_axis(func, axis, x.ndim)
+    (ax,) = V.normalize_axis(func, V.check_channel_axis(func, axis), x.ndim)
     if dy is not None and (tuple(dy.shape) != tuple(x.shape) or dy.dtype != x.dtype):
         raise ValueError(
             f"{func}: `dy` must have the shape and dtype of `x` {tuple(x.shape)}, {x.dtype}; "

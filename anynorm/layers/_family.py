@@ -185,9 +185,7 @@ class GroupNorm(_AffineLayer):
             )
         self.eps = V.check_eps(func, eps)
         self.affine = V.check_bool(func, "affine", affine)
-        self.axis = V.check_axis_arg(func, axis, allow_none=False)
-        if not isinstance(self.axis, int):
-            raise TypeError(f"{func}: `axis` (the channel axis) must be an int; received {axis!r}.")
+        self.axis = V.check_channel_axis(func, axis)
         self._pshape = (self.num_channels,)
         self._maybe_materialize_early()
 
@@ -273,9 +271,7 @@ class InstanceNorm(_RunningStatsMixin, _AffineLayer):
         self.momentum = V.check_momentum(func, momentum)
         self.affine = V.check_bool(func, "affine", affine)
         self.track_running_stats = V.check_bool(func, "track_running_stats", track_running_stats)
-        self.axis = V.check_axis_arg(func, axis, allow_none=False)
-        if not isinstance(self.axis, int):
-            raise TypeError(f"{func}: `axis` (the channel axis) must be an int; received {axis!r}.")
+        self.axis = V.check_channel_axis(func, axis)
         self._pshape = (self.num_features,)
         self._maybe_materialize_early()
 
@@ -425,9 +421,7 @@ class LocalResponseNorm(Layer):
         self.alpha = V.check_number(func, "alpha", alpha)
         self.beta = V.check_number(func, "beta", beta)
         self.k = V.check_number(func, "k", k)
-        self.axis = V.check_axis_arg(func, axis, allow_none=False)
-        if not isinstance(self.axis, int):
-            raise TypeError(f"{func}: `axis` (the channel axis) must be an int; received {axis!r}.")
+        self.axis = V.check_channel_axis(func, axis)
 
     def _config(self) -> dict:
         return {

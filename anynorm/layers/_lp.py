@@ -68,46 +68,40 @@ class LpNorm(Layer):
         return lp_backward(dy, x, norm, self.p, axes, self.eps, xp=xp), {}
 
 
-class L2Norm(LpNorm):
+class _FixedLpNorm(LpNorm):
+    """An LpNorm whose exponent is fixed by the class (``_fixed_p``)."""
+
+    _fixed_p: float
+
+    def __init__(
+        self,
+        axis: int | tuple[int, ...] | None = -1,
+        eps: float = 1e-12,
+        *,
+        xp: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(self._fixed_p, axis, eps, xp=xp, device=device, dtype=dtype)
+
+    def _config(self) -> dict:
+        cfg = super()._config()
+        del cfg["p"]
+        return cfg
+
+
+class L2Norm(_FixedLpNorm):
     """L2 normalization layer, ``y = x / max(‖x‖_2, eps)``; see :class:`LpNorm`.
 
     Replaces NumPyNet's ``L2Norm_layer`` (whose eps sits inside the sqrt and whose backward
     is not a gradient) and Keras's ``UnitNormalization`` / ``Lambda(K.l2_normalize)``."""
 
-    def __init__(
-        self,
-        axis: int | tuple[int, ...] | None = -1,
-        eps: float = 1e-12,
-        *,
-        xp: Any = None,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        super().__init__(2.0, axis, eps, xp=xp, device=device, dtype=dtype)
-
-    def _config(self) -> dict:
-        cfg = super()._config()
-        del cfg["p"]
-        return cfg
+    _fixed_p = 2.0
 
 
-class L1Norm(LpNorm):
+class L1Norm(_FixedLpNorm):
     """L1 normalization layer, ``y = x / max(Σ|x|, eps)``; see :class:`LpNorm`.
 
     Replaces NumPyNet's ``L1Norm_layer`` (whose backward is not a gradient)."""
 
-    def __init__(
-        self,
-        axis: int | tuple[int, ...] | None = -1,
-        eps: float = 1e-12,
-        *,
-        xp: Any = None,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        super().__init__(1.0, axis, eps, xp=xp, device=device, dtype=dtype)
-
-    def _config(self) -> dict:
-        cfg = super()._config()
-        del cfg["p"]
-        return cfg
+    _fixed_p = 1.0
