@@ -54,9 +54,10 @@ def device(x: Array) -> Any:
 
 
 def same_device(a: Any, b: Any) -> bool:
-    """Device equality where an unknown device matches anything: JAX tracers inside
-    ``jax.jit`` report no concrete device (``device(tracer)`` is None)."""
-    return a is None or b is None or a == b
+    """Device equality where an unknown device matches anything (JAX tracers inside
+    ``jax.jit`` report no concrete device: ``device(tracer)`` is None) and a device given as
+    a string matches the device object it names (``"cpu"`` and ``torch.device("cpu")``)."""
+    return a is None or b is None or a == b or str(a) == str(b)
 
 
 def to_device(x: Array, dev: Any) -> Array:

@@ -144,7 +144,7 @@ def test_pickled_object_is_refused_without_unpickling(tmp_path, monkeypatch):
 
 
 def test_truncated_and_foreign_files_are_refused(tmp_path):
-    layer = anynorm.BatchNorm(4)
+    layer = anynorm.BatchNorm(4, xp=np)
     path = tmp_path / "ok.npz"
     layer.save(path)
     data = path.read_bytes()
@@ -162,7 +162,7 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
-    layer = anynorm.BatchNorm(4)
+    layer = anynorm.BatchNorm(4, xp=np)
     path = tmp_path / "ckpt.npz"
     layer.save(path)
     before = path.read_bytes()
@@ -173,7 +173,15 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "savez", broken_savez)
     with pytest.raises(KeyboardInterrupt):
-        anynorm.BatchNorm(4, momentum=0.5).save(path)
+        anynorm.BatchNorm(4, momentum=0.5, xp=np).save(path)
     assert path.read_bytes() == before  # the old checkpoint is intact
     assert sorted(os.listdir(tmp_path)) == ["ckpt.npz"]  # no temporary left behind
     assert zipfile.is_zipfile(path)
+
+
+def test_saving_a_layer_without_arrays_is_an_error(tmp_path):
+    with pytest.raises(RuntimeError, match="no parameters/buffers yet"):
+        anynorm.BatchNorm(3).save(tmp_path / "x.npz")
+    assert not (tmp_path / "x.npz").exists()
+    anynorm.L2Norm().save(tmp_path / "l2.npz")  # nothing to hold: fine
+    assert isinstance(anynorm.load(tmp_path / "l2.npz"), anynorm.L2Norm)

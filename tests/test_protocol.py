@@ -235,3 +235,9 @@ def test_repr_shows_the_config():
         "track_running_stats=True)"
     )
     assert repr(anynorm.L2Norm()) == "L2Norm(axis=-1, eps=1e-12)"
+
+
+@pytest.mark.backends("torch")
+def test_device_given_as_a_string_matches(bk, rng):
+    layer = anynorm.BatchNorm(6, xp=bk.xp, device=str(bk.device), dtype=bk.param_dtype)
+    bk.check(layer(bk.asarray(rng.standard_normal(SHAPE))), SHAPE)

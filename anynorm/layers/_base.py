@@ -154,7 +154,7 @@ class Layer:
                 f"layer.to({_compat.namespace_name(xp)})."
             )
         dev = _compat.device(x)
-        if self._device is not None and dev != self._device:
+        if self._device is not None and not _compat.same_device(dev, self._device):
             raise ValueError(
                 f"{func}: the layer's arrays are on device {self._device} but `x` is on "
                 f"{dev}. Move the layer first: layer.to(xp, device=...)."
@@ -399,6 +399,12 @@ class Layer:
         import numpy as np
 
         path = os.fspath(path)
+        if self._state_shapes() and not self._holds_arrays:
+            raise RuntimeError(
+                f"anynorm.{self._name}.save: the layer has no parameters/buffers yet (they are "
+                "created on the first forward); run a forward first, or build it with "
+                "xp=/device=/dtype= (and its feature sizes) so they exist up front."
+            )
         meta = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
