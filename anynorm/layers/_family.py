@@ -239,7 +239,10 @@ class InstanceNorm(_RunningStatsMixin, _AffineLayer):
         Number of channels ``C``.
     eps : float, default 1e-5
     momentum : float or None, default 0.1
-        PyTorch's convention, as in :class:`BatchNorm`.
+        PyTorch's convention, as in :class:`BatchNorm`; ``None`` is a true cumulative
+        average. (torch's InstanceNorm treats ``momentum=None`` as 0, i.e. its running
+        statistics never change, and leaves ``num_batches_tracked`` at 0; anynorm counts
+        the training batches in ``num_batches_tracked`` as BatchNorm does.)
     affine : bool, default False
         Learn per-channel ``weight`` and ``bias`` (torch's default is also False).
     track_running_stats : bool, default False

@@ -1,0 +1,744 @@
+"""LayerNorm, GroupNorm, InstanceNorm, RMSNorm and LocalResponseNorm on every backend case.
+
+Oracles, none of which share code with anynorm:
+
+- ``torch.nn`` modules (for the layers) and ``torch.nn.functional`` (for the functional
+  forms), run on the CPU in float64 on the *same rounded* input (``bk.round``) and
+  differentiated by autograd with a random upstream gradient (never ones). Channels-last
+  inputs go to torch permuted to channels-first, and the results come back permuted.
+- the float64 NumPy textbook reference (``anynorm._reference``);
+- central finite differences (float64 cases only, small shapes).
+
+Every output and gradient is checked for namespace, dtype, device and shape (``bk.check``)
+and compared with the per-dtype relative tolerance (``bk.close``); inputs, upstream
+gradients and loaded parameters are checked to be left unmodified.
+
+Runtime: JAX compiles every primitive once per (shape, dtype), so the tests share a few
+input shapes, and each layer test also checks the functional form on the same data.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+import anynorm as an
+from anynorm import _reference as ref
+from anynorm import functional as AF
+
+#: finite differences (Richardson, O(h⁴)) against the explicit backward, float64 only
+FD_TOL = 1e-8
+#: alpha large enough for the LRN window to matter (torch's default 1e-4 would hide it)
+LRN = {"alpha": 0.4, "beta": 0.75, "k": 1.2}
+EPS = 1e-5
+
+
+# ----------------------------------------------------------------------------- helpers
+def _data(rng, shape):
+    """Random input with a non-zero mean, so centring matters."""
+    return rng.standard_normal(shape) * 1.5 + 0.7
+
+
+def _params(rng, shapes):
+    """Random, non-trivial parameters: weights (and variances) in [0.5, 1.5], never all
+    ones; biases (and means) standard normal."""
+    return {
+        name: rng.uniform(0.5, 1.5, shape)
+        if name in ("weight", "var")
+        else rng.standard_normal(shape)
+        for name, shape in shapes.items()
+    }
+
+
+def _cl(shape_cf):
+    """The channels-last shape of a channels-first ``(N, C, *spatial)`` shape."""
+    return (shape_cf[0], *shape_cf[2:], shape_cf[1])
+
+
+def _case_params(bk, params_np):
+    """``params_np`` as arrays of the case in the parameter dtype, and the same values
+    rounded to that dtype as float64 NumPy (what the oracle gets)."""
+    arrays = {k: bk.asarray(v, dtype=bk.param_dtype) for k, v in params_np.items()}
+    return arrays, {k: bk.to_numpy(v).copy() for k, v in arrays.items()}
+
+
+def _snapshot(bk, arrays):
+    return {k: bk.to_numpy(v).copy() for k, v in arrays.items()}
+
+
+def _assert_unchanged(bk, arrays, before):
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(bk.to_numpy(v), before[k], err_msg=f"{k} was modified")
+
+
+def _unit_affine(shape):
+    """The weight/bias that the functional forms differentiate when given None."""
+    return {"weight": np.ones(shape), "bias": np.zeros(shape)}
+
+
+def _compute_eps(bk):
+    """Machine epsilon of the compute dtype (float32 for float16/bfloat16 input)."""
+    return float(np.finfo(np.float64 if bk.dtype_name == "float64" else np.float32).eps)
+
+
+# -- the torch oracle
+def _torch_vjp(torch, fn, x64, g64, leaves=None, channels_last=False):
+    """``y = fn(x)`` in float64 torch and its autograd gradients for upstream ``g64``.
+
+    ``leaves`` are the parameter tensors (requires_grad) whose gradients to return. With
+    ``channels_last`` the input is moved to channels-first for ``fn`` and the output back."""
+    leaves = leaves or {}
+    x = torch.tensor(x64, dtype=torch.float64, requires_grad=True)
+    xin = torch.movedim(x, -1, 1) if channels_last else x
+    y = fn(xin)
+    if channels_last:
+        y = torch.movedim(y, 1, -1)
+    y.backward(torch.tensor(g64, dtype=torch.float64))
+    grads = {k: t.grad.detach().numpy().copy() for k, t in leaves.items()}
+    return y.detach().numpy().copy(), x.grad.numpy().copy(), grads
+
+
+def _torch_leaves(torch, params64):
+    return {
+        k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params64.items()
+    }
+
+
+def _module(torch, module, params64):
+    """A float64 torch module with ``params64`` copied into its parameters."""
+    module = module.double()
+    with torch.no_grad():
+        for k, v in params64.items():
+            getattr(module, k).copy_(torch.tensor(v, dtype=torch.float64))
+    return module
+
+
+def _module_vjp(torch, module, x64, g64, names, channels_last=False):
+    module.zero_grad(set_to_none=True)
+    leaves = {k: getattr(module, k) for k in names}
+    return _torch_vjp(torch, module, x64, g64, leaves, channels_last)
+
+
+# -- running anynorm
+def _fwd_bwd(bk, layer, x_np, g_np, pshapes):
+    """Forward + backward of ``layer`` on the case; checks every array and that neither the
+    input nor the upstream gradient was modified. Returns ``(y, dx, grads)``."""
+    x, g = bk.asarray(x_np), bk.asarray(g_np)
+    before = _snapshot(bk, {"x": x, "dy": g})
+    y = layer.forward(x)
+    bk.check(y, x_np.shape, what="y")
+    dx = layer.backward(g)
+    bk.check(dx, x_np.shape, what="dx")
+    assert set(layer.grads) == set(pshapes), f"grads {sorted(layer.grads)} != {sorted(pshapes)}"
+    for k, shape in pshapes.items():
+        bk.check(layer.grads[k], shape, dtype=bk.param_dtype, what=f"grads[{k!r}]")
+    _assert_unchanged(bk, {"x": x, "dy": g}, before)
+    return y, dx, dict(layer.grads)
+
+
+def _run_layer(bk, layer, x_np, g_np, params_np):
+    """A first forward, which must create the parameters (ones/zeros, in the input's
+    namespace and device, in ``bk.param_dtype``); then ``params_np`` loaded through
+    ``load_state_dict`` and forward + backward. Returns ``(y, dx, grads)`` and the loaded
+    parameters as case arrays and as the oracle sees them."""
+    pshapes = {k: v.shape for k, v in params_np.items()}
+    y0 = layer.forward(bk.asarray(x_np))
+    bk.check(y0, x_np.shape, what="first forward")
+    assert set(layer.params) == set(pshapes), f"params {sorted(layer.params)}"
+    for k, p in layer.params.items():
+        bk.check(p, pshapes[k], dtype=bk.param_dtype, what=f"created params[{k!r}]")
+        assert np.all(bk.to_numpy(p) == (1.0 if k == "weight" else 0.0)), k
+    params, params64 = _case_params(bk, params_np)
+    if params:
+        layer.load_state_dict(params)
+        for k in pshapes:
+            bk.check(layer.params[k], pshapes[k], dtype=bk.param_dtype, what=f"params[{k!r}]")
+    out = _fwd_bwd(bk, layer, x_np, g_np, pshapes)
+    _assert_unchanged(bk, params, params64)
+    return out, params, params64
+
+
+def _compare(bk, got, want, what=""):
+    (y, dx, grads), (y_ref, dx_ref, grads_ref) = got, want
+    bk.close(y, y_ref, what=f"{what}y")
+    bk.close(dx, dx_ref, what=f"{what}dx")
+    assert set(grads) == set(grads_ref)
+    for k in grads_ref:
+        bk.close(grads[k], grads_ref[k], what=f"{what}d{k}")
+
+
+def _functional_vs_torch(bk, torch, x_np, g_np, fwd, bwd, tfn, tparams64, channels_last=False):
+    """A functional form against its ``torch.nn.functional`` twin.
+
+    ``fwd(x) -> y`` and ``bwd(dy, x) -> dx or (dx, *dparams)`` run on the case, with the
+    dparams in the order of ``tparams64`` (the float64 parameters the torch function
+    ``tfn(x, **leaves)`` is differentiated in)."""
+    x, g = bk.asarray(x_np), bk.asarray(g_np)
+    before = _snapshot(bk, {"x": x, "dy": g})
+    y = fwd(x)
+    bk.check(y, x_np.shape, what="functional y")
+    out = bwd(g, x)
+    dx, *dparams = out if isinstance(out, tuple) else (out,)
+    bk.check(dx, x_np.shape, what="functional dx")
+    assert len(dparams) == len(tparams64), f"backward returned {1 + len(dparams)} arrays"
+    grads = dict(zip(tparams64, dparams, strict=True))
+    for k, d in grads.items():
+        bk.check(d, tparams64[k].shape, dtype=bk.param_dtype, what=f"functional d{k}")
+    _assert_unchanged(bk, {"x": x, "dy": g}, before)
+    leaves = _torch_leaves(torch, tparams64)
+    want = _torch_vjp(
+        torch, lambda t: tfn(t, **leaves), bk.round(x_np), bk.round(g_np), leaves, channels_last
+    )
+    _compare(bk, (y, dx, grads), want, what="functional ")
+
+
+# ----------------------------------------------------------------------------- LayerNorm
+LN_CASES = [
+    ((6, 8), (8,), "full"),
+    ((2, 6, 5), (5,), "off"),
+    ((2, 4, 3, 5), (3, 5), "nobias"),
+]
+
+
+@pytest.mark.parametrize(("shape", "normalized_shape", "affine"), LN_CASES, ids=str)
+def test_layer_norm_matches_torch(bk, rng, torch_oracle, shape, normalized_shape, affine):
+    torch = torch_oracle
+    elementwise, bias = affine != "off", affine == "full"
+    names = ("weight", "bias") if bias else ("weight",) if elementwise else ()
+    x_np, g_np = _data(rng, shape), rng.standard_normal(shape)
+    layer = an.LayerNorm(normalized_shape, elementwise_affine=elementwise, bias=bias)
+    params_np = _params(rng, dict.fromkeys(names, normalized_shape))
+    got, params, p64 = _run_layer(bk, layer, x_np, g_np, params_np)
+    tm = torch.nn.LayerNorm(normalized_shape, elementwise_affine=elementwise, bias=bias)
+    tm = _module(torch, tm, p64)
+    _compare(bk, got, _module_vjp(torch, tm, bk.round(x_np), bk.round(g_np), p64))
+
+    # functional layer_norm over the same trailing axes
+    axis = tuple(range(len(shape) - len(normalized_shape), len(shape)))
+    w, b = params.get("weight"), params.get("bias")
+    _functional_vs_torch(
+        bk,
+        torch,
+        x_np,
+        g_np,
+        lambda x: AF.layer_norm(x, w, b, axis=axis, eps=EPS),
+        lambda g, x: AF.layer_norm_backward(g, x, w, axis=axis, eps=EPS),
+        lambda t, weight, bias: torch.nn.functional.layer_norm(
+            t, normalized_shape, weight, bias, eps=EPS
+        ),
+        {**_unit_affine(normalized_shape), **p64},
+    )
+
+
+LN_AXIS_CASES = [((2, 4, 3, 5), (1, 3), True), ((2, 4, 3, 5), (-1, 1), False)]
+
+
+@pytest.mark.parametrize(("shape", "axis", "affine"), LN_AXIS_CASES, ids=str)
+def test_layer_norm_functional_axis_tuple(bk, rng, torch_oracle, shape, axis, affine):
+    """Any axis tuple: forward against the NumPy reference, gradients against torch's
+    layer_norm on the input with those axes moved to the end. Without weight/bias the
+    backward still returns the gradients of a unit weight and zero bias."""
+    torch = torch_oracle
+    nd = len(shape)
+    axes = sorted(a % nd for a in axis)
+    perm = [a for a in range(nd) if a not in axes] + axes
+    inv = [int(i) for i in np.argsort(perm)]
+    pshape = tuple(shape[a] for a in axes)  # weight shape: the axes in increasing order
+    x_np, g_np = _data(rng, shape), rng.standard_normal(shape)
+    params, p64 = _case_params(bk, _params(rng, {"weight": pshape, "bias": pshape}))
+    if not affine:
+        params, p64 = {}, _unit_affine(pshape)
+    w, b = params.get("weight"), params.get("bias")
+    y = AF.layer_norm(bk.asarray(x_np), w, b, axis=axis, eps=EPS)
+    y_ref = ref.layer_norm(bk.round(x_np), p64["weight"], p64["bias"], axis=axis, eps=EPS)
+    bk.close(y, y_ref, what="y vs reference")
+    _assert_unchanged(bk, params, p64)
+
+    def tfn(t, weight, bias):
+        z = torch.nn.functional.layer_norm(t.permute(perm), pshape, weight, bias, eps=EPS)
+        return z.permute(inv)
+
+    _functional_vs_torch(
+        bk,
+        torch,
+        x_np,
+        g_np,
+        lambda x: AF.layer_norm(x, w, b, axis=axis, eps=EPS),
+        lambda g, x: AF.layer_norm_backward(g, x, w, axis=axis, eps=EPS),
+        tfn,
+        p64,
+    )
+
+
+# ----------------------------------------------------------------------------- GroupNorm
+# Every group holds at least 3 values: with 2, the standardized output is ±1 whatever x, the
+# input gradient is O(eps) and pure cancellation, and float32 (torch's own included) cannot
+# reach 1e-5 relative.
+GN_CASES = [
+    ((6, 8), 2, False, True),
+    ((2, 6, 5), 3, False, True),
+    ((2, 6, 5), 2, True, False),
+    ((2, 4, 3, 5), 2, True, True),
+]
+
+
+@pytest.mark.parametrize(("shape_cf", "num_groups", "channels_last", "affine"), GN_CASES, ids=str)
+def test_group_norm_matches_torch(
+    bk, rng, torch_oracle, shape_cf, num_groups, channels_last, affine
+):
+    torch = torch_oracle
+    c = shape_cf[1]
+    axis = -1 if channels_last else 1
+    shape = _cl(shape_cf) if channels_last else shape_cf
+    x_np, g_np = _data(rng, shape), rng.standard_normal(shape)
+    layer = an.GroupNorm(num_groups, c, affine=affine, axis=axis)
+    params_np = _params(rng, {"weight": (c,), "bias": (c,)} if affine else {})
+    got, params, p64 = _run_layer(bk, layer, x_np, g_np, params_np)
+    tm = _module(torch, torch.nn.GroupNorm(num_groups, c, affine=affine, eps=EPS), p64)
+    want = _module_vjp(torch, tm, bk.round(x_np), bk.round(g_np), p64, channels_last)
+    _compare(bk, got, want)
+
+    w, b = params.get("weight"), params.get("bias")
+    _functional_vs_torch(
+        bk,
+        torch,
+        x_np,
+        g_np,
+        lambda x: AF.group_norm(x, num_groups, w, b, axis=axis, eps=EPS),
+        lambda g, x: AF.group_norm_backward(g, x, num_groups, w, axis=axis, eps=EPS),
+        lambda t, weight, bias: torch.nn.functional.group_norm(t, num_groups, weight, bias, EPS),
+        {**_unit_affine((c,)), **p64},
+        channels_last,
+    )
+
+
+# ----------------------------------------------------------------------------- InstanceNorm
+def _torch_instance_norm(torch, ndim):
+    return {3: torch.nn.InstanceNorm1d, 4: torch.nn.InstanceNorm2d, 5: torch.nn.InstanceNorm3d}[
+        ndim
+    ]
+
+
+IN_CASES = [
+    ((2, 6, 5), False, True),
+    ((2, 4, 3, 5), True, False),
+    ((2, 4, 2, 3, 2), False, True),
+]
+
+
+@pytest.mark.parametrize(("shape_cf", "channels_last", "affine"), IN_CASES, ids=str)
+def test_instance_norm_matches_torch(bk, rng, torch_oracle, shape_cf, channels_last, affine):
+    torch = torch_oracle
+    c = shape_cf[1]
+    axis = -1 if channels_last else 1
+    shape = _cl(shape_cf) if channels_last else shape_cf
+    pshapes = {"weight": (c,), "bias": (c,)} if affine else {}
+    x_np, g_np = _data(rng, shape), rng.standard_normal(shape)
+    layer = an.InstanceNorm(c, affine=affine, axis=axis)
+    got, params, p64 = _run_layer(bk, layer, x_np, g_np, _params(rng, pshapes))
+    assert layer.buffers == {}
+    tm = _module(torch, _torch_instance_norm(torch, len(shape))(c, affine=affine, eps=EPS), p64)
+    want = _module_vjp(torch, tm, bk.round(x_np), bk.round(g_np), p64, channels_last)
+    _compare(bk, got, want)
+    # evaluation mode without running statistics still uses the instance statistics
+    layer.eval()
+    tm.eval()
+    _compare(bk, _fwd_bwd(bk, layer, x_np, g_np, pshapes), want, what="eval ")
+
+    w, b = params.get("weight"), params.get("bias")
+
+    def tfn(t, weight, bias):
+        return torch.nn.functional.instance_norm(t, weight=weight, bias=bias, eps=EPS)
+
+    _functional_vs_torch(
+        bk,
+        torch,
+        x_np,
+        g_np,
+        lambda x: AF.instance_norm(x, w, b, axis=axis, eps=EPS),
+        lambda g, x: AF.instance_norm_backward(g, x, w, axis=axis, eps=EPS),
+        tfn,
+        {**_unit_affine((c,)), **p64},
+        channels_last,
+    )
+
+
+IN_RUNNING_CASES = [((2, 4, 3, 5), False, 0.1, True), ((2, 6, 5), True, 0.3, False)]
+
+
+@pytest.mark.parametrize(
+    ("shape_cf", "channels_last", "momentum", "affine"), IN_RUNNING_CASES, ids=str
+)
+def test_instance_norm_running_stats_match_torch(
+    bk, rng, torch_oracle, shape_cf, channels_last, momentum, affine
+):
+    """Four training steps, then one evaluation step (frozen running statistics): outputs,
+    gradients and running_mean/var follow torch at every step; in evaluation the functional
+    form with ``mean``/``var`` equals torch's ``instance_norm(use_input_stats=False)``.
+
+    Deliberate, documented difference: torch's InstanceNorm leaves ``num_batches_tracked`` at
+    0, anynorm counts the training steps (as BatchNorm does), so that buffer is compared with
+    the step count, not with torch."""
+    torch = torch_oracle
+    c = shape_cf[1]
+    axis = -1 if channels_last else 1
+    shape = _cl(shape_cf) if channels_last else shape_cf
+    pshapes = {"weight": (c,), "bias": (c,)} if affine else {}
+    layer = an.InstanceNorm(
+        c, affine=affine, track_running_stats=True, momentum=momentum, axis=axis
+    )
+    params, p64 = _case_params(bk, _params(rng, pshapes))
+    if affine:
+        # loaded before any forward: the layer materializes in the parameters'
+        # namespace/device/dtype, buffers included
+        layer.load_state_dict(params, strict=False)
+        for k in ("running_mean", "running_var"):
+            bk.check(layer.buffers[k], (c,), dtype=bk.param_dtype, what=k)
+        np.testing.assert_array_equal(bk.to_numpy(layer.buffers["running_mean"]), np.zeros(c))
+        np.testing.assert_array_equal(bk.to_numpy(layer.buffers["running_var"]), np.ones(c))
+    tm = _torch_instance_norm(torch, len(shape))(
+        c, affine=affine, track_running_stats=True, momentum=momentum, eps=EPS
+    )
+    tm = _module(torch, tm, p64)
+    steps = 4
+    for step in range(steps + 1):
+        if step == steps:
+            layer.eval()
+            tm.eval()
+        what = f"step {step} ({'eval' if step == steps else 'train'}) "
+        x_np = rng.standard_normal(shape) * (1.0 + step) + (step - 1.5)
+        g_np = rng.standard_normal(shape)
+        got = _fwd_bwd(bk, layer, x_np, g_np, pshapes)
+        want = _module_vjp(torch, tm, bk.round(x_np), bk.round(g_np), p64, channels_last)
+        _compare(bk, got, want, what=what)
+        for k in ("running_mean", "running_var"):
+            bk.check(layer.buffers[k], (c,), dtype=bk.param_dtype, what=what + k)
+            bk.close(layer.buffers[k], getattr(tm, k).numpy(), what=what + k)
+    nbt = layer.buffers["num_batches_tracked"]
+    assert tuple(nbt.shape) == ()
+    assert int(bk.to_numpy(nbt)) == steps
+    _assert_unchanged(bk, params, p64)
+
+    # the functional form with the frozen statistics (the layer's own running buffers)
+    mean, var = layer.buffers["running_mean"], layer.buffers["running_var"]
+    stats64 = {"running_mean": bk.to_numpy(mean), "running_var": bk.to_numpy(var)}
+    w, b = params.get("weight"), params.get("bias")
+
+    def tfn(t, weight, bias):
+        frozen = {k: torch.tensor(v) for k, v in stats64.items()}
+        return torch.nn.functional.instance_norm(
+            t, **frozen, weight=weight, bias=bias, use_input_stats=False, eps=EPS
+        )
+
+    _functional_vs_torch(
+        bk,
+        torch,
+        x_np,
+        g_np,
+        lambda x: AF.instance_norm(x, w, b, axis=axis, eps=EPS, mean=mean, var=var),
+        lambda g, x: AF.instance_norm_backward(g, x, w, axis=axis, eps=EPS, mean=mean, var=var),
+        tfn,
+        {**_unit_affine((c,)), **p64},
+        channels_last,
+    )
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+RMS_CASES = [
+    ((6, 8), (8,), True, None),
+    ((2, 6, 5), (5,), False, 1e-6),
+    ((2, 4, 3, 5), (3, 5), True, 1e-5),
+]
+
+
+@pytest.mark.parametrize(("shape", "normalized_shape", "affine", "eps"), RMS_CASES, ids=str)
+def test_rms_norm_matches_torch(bk, rng, torch_oracle, shape, normalized_shape, affine, eps):
+    """``eps=None`` is compared with the machine epsilon of the compute dtype (see
+    :func:`test_rms_norm_eps_none_is_machine_epsilon`)."""
+    torch = torch_oracle
+    pshapes = {"weight": normalized_shape} if affine else {}
+    x_np, g_np = _data(rng, shape), rng.standard_normal(shape)
+    layer = an.RMSNorm(normalized_shape, eps=eps, elementwise_affine=affine)
+    got, params, p64 = _run_layer(bk, layer, x_np, g_np, _params(rng, pshapes))
+    teps = _compute_eps(bk) if eps is None else eps
+    tm = torch.nn.RMSNorm(normalized_shape, eps=teps, elementwise_affine=affine)
+    tm = _module(torch, tm, p64)
+    _compare(bk, got, _module_vjp(torch, tm, bk.round(x_np), bk.round(g_np), p64))
+
+    axis = tuple(range(-len(normalized_shape), 0))
+    w = params.get("weight")
+    _functional_vs_torch(
+        bk,
+        torch,
+        x_np,
+        g_np,
+        lambda x: AF.rms_norm(x, w, axis=axis, eps=eps),
+        lambda g, x: AF.rms_norm_backward(g, x, w, axis=axis, eps=eps),
+        lambda t, weight: torch.nn.functional.rms_norm(t, normalized_shape, weight, eps=teps),
+        {"weight": np.ones(normalized_shape), **p64},
+    )
+
+
+def test_rms_norm_eps_none_is_machine_epsilon(bk, rng, torch_oracle):
+    """``eps=None`` is torch's default ``finfo(dtype).eps``; for float16/bfloat16 input
+    anynorm (documented) uses float32's, its compute dtype. The data has a mean square of
+    about eps, so the choice of eps changes the result far beyond the tolerance."""
+    torch = torch_oracle
+    eps = _compute_eps(bk)
+    shape = (6, 8)
+    x_np = rng.standard_normal(shape) * np.sqrt(eps)
+    g_np = rng.standard_normal(shape)
+    x64, g64 = bk.round(x_np), bk.round(g_np)
+
+    # torch's own default on the compute dtype is the machine epsilon ...
+    cdt = torch.float64 if bk.dtype_name == "float64" else torch.float32
+    default = torch.nn.RMSNorm(8, eps=None).to(cdt)
+    y_default = default(torch.tensor(x64, dtype=cdt)).detach().double().numpy()
+    y_plain = torch.nn.functional.rms_norm(torch.tensor(x64), (8,), eps=eps).numpy()
+    assert np.max(np.abs(y_default - y_plain)) <= 1e-5 * np.max(np.abs(y_plain))
+    # ... and this data is sensitive to eps: eps=0 is far off
+    y_eps0 = ref.rms_norm(x64, axis=-1, eps=0.0)
+    assert np.max(np.abs(y_eps0 - y_plain)) > 10 * bk.tol * np.max(np.abs(y_plain))
+
+    layer = an.RMSNorm(8)
+    assert layer.eps is None
+    got, params, p64 = _run_layer(bk, layer, x_np, g_np, _params(rng, {"weight": (8,)}))
+    tm = _module(torch, torch.nn.RMSNorm(8, eps=eps), p64)
+    _compare(bk, got, _module_vjp(torch, tm, x64, g64, p64))
+    # the functional form, eps omitted
+    w = params["weight"]
+    _functional_vs_torch(
+        bk,
+        torch,
+        x_np,
+        g_np,
+        lambda x: AF.rms_norm(x, w),
+        lambda g, x: AF.rms_norm_backward(g, x, w),
+        lambda t, weight: torch.nn.functional.rms_norm(t, (8,), weight, eps=eps),
+        p64,
+    )
+
+
+# ----------------------------------------------------------------------------- LRN
+LRN_CASES = [((2, 6, 5), 3, False), ((2, 4, 3, 5), 6, True)]
+
+
+@pytest.mark.parametrize(("shape_cf", "size", "channels_last"), LRN_CASES, ids=str)
+def test_local_response_norm_matches_torch(bk, rng, torch_oracle, shape_cf, size, channels_last):
+    """An odd window and an even one wider than the channels; the forward also against the
+    reference."""
+    torch = torch_oracle
+    axis = -1 if channels_last else 1
+    shape = _cl(shape_cf) if channels_last else shape_cf
+    x_np, g_np = _data(rng, shape), rng.standard_normal(shape)
+    layer = an.LocalResponseNorm(size, axis=axis, **LRN)
+    got, _, _ = _run_layer(bk, layer, x_np, g_np, {})
+    assert layer.params == {}
+    assert layer.grads == {}
+    assert layer.buffers == {}
+    tm = torch.nn.LocalResponseNorm(size, **LRN)
+    want = _module_vjp(torch, tm, bk.round(x_np), bk.round(g_np), {}, channels_last)
+    _compare(bk, got, want)
+    y_ref = ref.local_response_norm(bk.round(x_np), size, axis=axis, **LRN)
+    bk.close(got[0], y_ref, what="y vs reference")
+
+    _functional_vs_torch(
+        bk,
+        torch,
+        x_np,
+        g_np,
+        lambda x: AF.local_response_norm(x, size, axis=axis, **LRN),
+        lambda g, x: AF.local_response_norm_backward(g, x, size, axis=axis, **LRN),
+        lambda t: torch.nn.functional.local_response_norm(t, size, **LRN),
+        {},
+        channels_last,
+    )
+
+
+# ----------------------------------------------------------------------------- finite diffs
+# Shapes and settings mirror cases above, so on JAX nothing new is compiled.
+FD_LAYERS = {
+    "layer_norm": (
+        (6, 8),
+        lambda: an.LayerNorm(8),
+        {"weight": (8,), "bias": (8,)},
+        lambda z, weight, bias: ref.layer_norm(z, weight, bias, axis=-1, eps=EPS),
+    ),
+    "group_norm_channels_last": (
+        (2, 3, 5, 4),
+        lambda: an.GroupNorm(2, 4, axis=-1),
+        {"weight": (4,), "bias": (4,)},
+        lambda z, weight, bias: ref.group_norm(z, 2, weight, bias, axis=-1, eps=EPS),
+    ),
+    "instance_norm": (
+        (2, 6, 5),
+        lambda: an.InstanceNorm(6, affine=True),
+        {"weight": (6,), "bias": (6,)},
+        lambda z, weight, bias: ref.instance_norm(z, weight, bias, axis=1, eps=EPS),
+    ),
+    "rms_norm_eps_none": (
+        (6, 8),
+        lambda: an.RMSNorm(8),
+        {"weight": (8,)},
+        lambda z, weight: ref.rms_norm(z, weight, axis=-1, eps=float(np.finfo(np.float64).eps)),
+    ),
+    "local_response_norm": (
+        (2, 6, 5),
+        lambda: an.LocalResponseNorm(3, **LRN),
+        {},
+        lambda z: ref.local_response_norm(z, 3, axis=1, **LRN),
+    ),
+    "local_response_norm_channels_last": (
+        (2, 3, 5, 4),
+        lambda: an.LocalResponseNorm(6, axis=-1, **LRN),
+        {},
+        lambda z: ref.local_response_norm(z, 6, axis=-1, **LRN),
+    ),
+}
+
+
+@functools.cache
+def _fd_expectations(name):
+    """Data, reference output and ``fd_vjp`` gradients of the reference forward (NumPy
+    only, so computed once and shared by every float64 case)."""
+    shape, _, pshapes, f = FD_LAYERS[name]
+    rng = np.random.default_rng(list(FD_LAYERS).index(name))
+    x_np, g_np = _data(rng, shape), rng.standard_normal(shape)
+    params_np = _params(rng, pshapes)
+    fd_dx = ref.fd_vjp(lambda z: f(z, **params_np), x_np, g_np)
+    fd_params = {
+        k: ref.fd_vjp(lambda p, k=k: f(x_np, **{**params_np, k: p}), v, g_np)
+        for k, v in params_np.items()
+    }
+    return x_np, g_np, params_np, f(x_np, **params_np), fd_dx, fd_params
+
+
+@pytest.mark.dtypes("float64")
+@pytest.mark.parametrize("name", list(FD_LAYERS))
+def test_layer_backward_matches_finite_differences(bk, name):
+    """The layers' explicit backward against ``fd_vjp`` of the NumPy reference forward."""
+    x_np, g_np, params_np, y_ref, fd_dx, fd_params = _fd_expectations(name)
+    (y, dx, grads), _, _ = _run_layer(bk, FD_LAYERS[name][1](), x_np, g_np, params_np)
+    bk.close(y, y_ref, what="y vs reference")
+    bk.close(dx, fd_dx, what="dx vs finite differences", tol=FD_TOL)
+    for k, fd in fd_params.items():
+        bk.close(grads[k], fd, what=f"d{k} vs finite differences", tol=FD_TOL)
+
+
+FD_FUNCTIONAL = {
+    # name: (shape, differentiated params, constants, forward, backward -> (dx, *dparams))
+    "layer_norm_axis_1_3": (
+        (2, 4, 3, 5),
+        {"weight": (4, 5), "bias": (4, 5)},
+        {},
+        lambda x, weight, bias: AF.layer_norm(x, weight, bias, axis=(1, 3)),
+        lambda g, x, weight, bias: AF.layer_norm_backward(g, x, weight, axis=(1, 3)),
+    ),
+    "group_norm": (
+        (2, 6, 5),
+        {"weight": (6,), "bias": (6,)},
+        {},
+        lambda x, weight, bias: AF.group_norm(x, 3, weight, bias),
+        lambda g, x, weight, bias: AF.group_norm_backward(g, x, 3, weight),
+    ),
+    "instance_norm_channels_last": (
+        (2, 5, 6),
+        {"weight": (6,), "bias": (6,)},
+        {},
+        lambda x, weight, bias: AF.instance_norm(x, weight, bias, axis=-1),
+        lambda g, x, weight, bias: AF.instance_norm_backward(g, x, weight, axis=-1),
+    ),
+    "instance_norm_frozen": (
+        (2, 4, 3, 5),
+        {"weight": (4,), "bias": (4,)},
+        {"mean": (4,), "var": (4,)},
+        lambda x, weight, bias, mean, var: AF.instance_norm(x, weight, bias, mean=mean, var=var),
+        lambda g, x, weight, bias, mean, var: AF.instance_norm_backward(
+            g, x, weight, mean=mean, var=var
+        ),
+    ),
+    "rms_norm_eps_none": (
+        (2, 4, 3, 5),
+        {"weight": (3, 5)},
+        {},
+        lambda x, weight: AF.rms_norm(x, weight, axis=(-2, -1)),
+        lambda g, x, weight: AF.rms_norm_backward(g, x, weight, axis=(-2, -1)),
+    ),
+    "local_response_norm": (
+        (2, 6, 5),
+        {},
+        {},
+        lambda x: AF.local_response_norm(x, 3, **LRN),
+        lambda g, x: (AF.local_response_norm_backward(g, x, 3, **LRN),),
+    ),
+}
+
+
+@pytest.mark.dtypes("float64")
+@pytest.mark.parametrize("name", list(FD_FUNCTIONAL))
+def test_functional_backward_matches_finite_differences(bk, rng, name):
+    """The functional backward (on the case) against directional finite differences of
+    anynorm's own forward evaluated on NumPy float64, along a random direction for the input
+    and for every parameter: ``gᵀ J v`` vs ``⟨grad, v⟩``, relative to ``‖grad‖·‖v‖``."""
+    shape, pshapes, cshapes, fwd, bwd = FD_FUNCTIONAL[name]
+    x_np, g_np = _data(rng, shape), rng.standard_normal(shape)
+    p_np, c_np = _params(rng, pshapes), _params(rng, cshapes)
+    args = {k: bk.asarray(v) for k, v in {**p_np, **c_np}.items()}
+    grads = bwd(bk.asarray(g_np), bk.asarray(x_np), **args)
+    inputs = {"x": x_np, **p_np}
+    assert len(grads) == len(inputs)
+    for (k, v), grad in zip(inputs.items(), grads, strict=True):
+        bk.check(grad, v.shape, what=f"d{k}")
+        grad = bk.to_numpy(grad)
+
+        def f(z, k=k):
+            kw = {**inputs, **c_np, k: z}
+            return np.asarray(fwd(kw.pop("x"), **kw))
+
+        direction = rng.standard_normal(v.shape)
+        fd = ref.fd_directional(f, v, g_np, direction)
+        err = abs(fd - float(np.sum(grad * direction)))
+        scale = np.linalg.norm(grad) * np.linalg.norm(direction)
+        assert err <= FD_TOL * scale, f"d{k}: |fd - analytic| = {err:.3g} ({bk.id})"
+
+
+# ----------------------------------------------------------------------------- errors
+def test_group_norm_num_groups_must_divide_channels(bk, rng):
+    with pytest.raises(ValueError, match=r"num_groups`=4 must divide `num_channels`=6"):
+        an.GroupNorm(4, 6)
+    x = bk.asarray(rng.standard_normal((2, 6, 5)))
+    with pytest.raises(ValueError, match=r"num_groups`=4 must divide .*channels 6"):
+        AF.group_norm(x, 4)
+    with pytest.raises(ValueError, match=r"num_groups`=4 must divide .*channels 6"):
+        AF.group_norm_backward(x, x, 4)
+    # the layer also refuses an input whose channel count is not its own
+    with pytest.raises(ValueError, match=r"num_channels=4 .* 6 channels"):
+        an.GroupNorm(2, 4)(x)
+
+
+def test_instance_norm_needs_a_batch_axis(bk, rng):
+    x = bk.asarray(rng.standard_normal((6, 8)))  # unbatched (C, L)
+    with pytest.raises(ValueError, match="batch axis"):
+        an.InstanceNorm(6)(x)
+    with pytest.raises(ValueError, match="batch axis"):
+        AF.instance_norm(x)
+    with pytest.raises(ValueError, match="batch axis"):
+        AF.instance_norm_backward(x, x)
+    # one spatial element per channel has no instance statistics (torch refuses it too)
+    x1 = bk.asarray(rng.standard_normal((2, 3, 1)))
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        an.InstanceNorm(3)(x1)
+
+
+@pytest.mark.parametrize("cls", [an.LayerNorm, an.RMSNorm], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    ("normalized_shape", "shape"), [((5, 6), (2, 6, 5)), (6, (2, 6, 5)), ((2, 6, 8), (6, 8))]
+)
+def test_normalized_shape_must_match_trailing_axes(bk, rng, cls, normalized_shape, shape):
+    layer = cls(normalized_shape)
+    x = bk.asarray(rng.standard_normal(shape))
+    with pytest.raises(ValueError, match=r"normalized_shape=.* must equal the trailing axes"):
+        layer.forward(x)
+    assert layer.params == {}
