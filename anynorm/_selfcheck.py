@@ -53,10 +53,6 @@ SEED = 20261121
 
 #: the command to install the reference's dependency
 INSTALL_NUMPY = 'pip install "anynorm[numpy]"'
-BENCH_MESSAGE = (
-    "anynorm: the benchmark suite (`python -m anynorm bench`) is not implemented yet.\n"
-    "Run `python -m anynorm` for the self-check (correctness and time per call)."
-)
 
 Array = Any
 State = dict[str, Any]
@@ -744,7 +740,7 @@ def _parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="skip the timings (correctness checks only)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("bench", help="the benchmark suite (not implemented yet)")
+    sub.add_parser("bench", help="the benchmark suite (python -m anynorm bench --help)")
     return parser
 
 
@@ -769,14 +765,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ----------
     argv : sequence of str, optional
         Command-line arguments (default ``sys.argv[1:]``): ``--backend numpy,torch`` limits
-        the backends, ``--quick`` skips the timings, ``bench`` is reserved for the benchmark
-        suite.
+        the backends, ``--quick`` skips the timings; ``bench ...`` runs the benchmark suite
+        (:func:`anynorm._bench.main`) with the remaining arguments.
 
     Returns
     -------
     int
         0 if every check passed, 1 if any failed, 2 on a usage error (unknown or unusable
-        backend asked for, NumPy missing, ``bench``).
+        backend asked for, NumPy missing).
 
     Notes
     -----
@@ -785,6 +781,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     on one backend and device, each within the dtype's tolerance, with the namespace, dtype,
     device and shape of the input.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from . import _bench
+
+        return _bench.main(argv[1:])
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -792,9 +793,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse reports usage errors (and --help) this way
         return exc.code if isinstance(exc.code, int) else 0
     out = sys.stdout
-    if args.command == "bench":
-        print(BENCH_MESSAGE, file=sys.stderr)
-        return 2
     try:
         import numpy  # noqa: F401  (the float64 reference runs on NumPy)
     except ImportError:

@@ -92,9 +92,30 @@ def test_crash_is_a_failure_not_the_end(monkeypatch, capsys):
     assert "10 checks, 1 failed" in out
 
 
-def test_bench_is_reserved(capsys):
-    assert _selfcheck.main(["bench"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+def test_bench_runs_and_writes_table_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the benchmark plot needs matplotlib")
+    argv = [
+        "bench",
+        "--quick",
+        "--layers",
+        "L2Norm,BatchNorm",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--quiet",
+        "--naive",
+        "--shapes",
+        "4096",
+        "--out",
+        str(tmp_path),
+    ]
+    assert _selfcheck.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| BatchNorm | (64, 4096) | float32 | anynorm[numpy] |" in out
+    assert "naive numpy" in out
+    assert (tmp_path / "bench.md").read_text().count("| L2Norm |") >= 3  # ours, naive, torch
+    assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
 def test_unknown_backend_is_a_usage_error(capsys):
