@@ -53,6 +53,17 @@ def device(x: Array) -> Any:
     return array_api_compat.device(x)
 
 
+def inplace_ok(a: Array) -> bool:
+    """May anynorm write into ``a``, a temporary it has just allocated itself?
+
+    Not for immutable arrays (JAX) and not for torch tensors that take part in autograd
+    (an in-place op there can invalidate a tensor saved for torch's backward). The standard
+    has in-place operators but no way to ask whether using them is safe."""
+    if is_torch_array(a):
+        return not a.requires_grad
+    return array_api_compat.is_writeable_array(a)
+
+
 def same_device(a: Any, b: Any) -> bool:
     """Device equality where an unknown device matches anything (JAX tracers inside
     ``jax.jit`` report no concrete device: ``device(tracer)`` is None) and a device given as

@@ -73,9 +73,10 @@ def check_floating(func: str, name: str, x: Array, xp: Any) -> None:
 
 def check_ndim(func: str, name: str, x: Array, min_ndim: int, hint: str = "") -> None:
     if x.ndim < min_ndim:
+        hint = hint or f"Pass an input with at least {min_ndim} axes (e.g. add a batch axis: x[None])."
         raise ValueError(
             f"{func}: `{name}` must have at least {min_ndim} dimensions; received shape "
-            f"{tuple(x.shape)} ({x.ndim}-D).{' ' + hint if hint else ''}"
+            f"{tuple(x.shape)} ({x.ndim}-D). {hint}"
         )
 
 
@@ -105,6 +106,11 @@ def normalize_axis(func: str, axis: Any, ndim: int, name: str = "axis") -> tuple
     out = []
     for a in items:
         a = int(a)
+        if ndim == 0:
+            raise ValueError(
+                f"{func}: `{name}`={axis!r} is out of range for a 0-D input, which has no axes; "
+                "pass an array with at least one axis."
+            )
         if not -ndim <= a < ndim:
             raise ValueError(
                 f"{func}: `{name}`={axis!r} is out of range for a {ndim}-D input (valid axes "
@@ -172,6 +178,7 @@ def check_number(
     if bad:
         lo = "(" if low_open else "["
         rng = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        hint = hint or f" Pass a finite number in {rng}."
         raise ValueError(f"{func}: `{name}` must be in {rng}; received {value!r}.{hint}")
     return v
 
@@ -207,15 +214,23 @@ def check_p(func: str, p: Any) -> float:
 
 def check_int(func: str, name: str, value: Any, *, low: int = 1) -> int:
     if not _is_int(value):
-        raise TypeError(f"{func}: `{name}` must be an int; received {_describe(value)}.")
+        raise TypeError(
+            f"{func}: `{name}` must be an int; received {_describe(value)}. Pass a whole "
+            f"number, e.g. {name}={max(low, 1)}."
+        )
     if value < low:
-        raise ValueError(f"{func}: `{name}` must be >= {low}; received {value!r}.")
+        raise ValueError(
+            f"{func}: `{name}` must be >= {low}; received {value!r}. Pass {name}={low} or more."
+        )
     return int(value)
 
 
 def check_bool(func: str, name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{func}: `{name}` must be True or False; received {_describe(value)}.")
+        raise TypeError(
+            f"{func}: `{name}` must be True or False; received {_describe(value)}. Pass "
+            f"{name}=True or {name}=False (not 0/1 or a string)."
+        )
     return value
 
 
@@ -228,11 +243,13 @@ def check_shape(func: str, name: str, value: Any) -> tuple[int, ...]:
         or not all(_is_int(s) for s in items)
     ):
         raise TypeError(
-            f"{func}: `{name}` must be an int or a tuple of ints; received {_describe(value)}."
+            f"{func}: `{name}` must be an int or a tuple of ints; received {_describe(value)}. "
+            f"Pass e.g. {name}=64 or {name}=(8, 8)."
         )
     if len(items) == 0 or any(s < 1 for s in items):
         raise ValueError(
-            f"{func}: `{name}` must be a non-empty tuple of positive ints; received {value!r}."
+            f"{func}: `{name}` must be a non-empty tuple of positive ints; received {value!r}. "
+            "Every size must be at least 1."
         )
     return tuple(int(s) for s in items)
 
@@ -247,7 +264,8 @@ def check_param(
     if tuple(param.shape) != tuple(expected):
         raise ValueError(
             f"{func}: `{name}` must have shape {tuple(expected)} (one entry per feature of "
-            f"the input); received shape {tuple(param.shape)}."
+            f"the input); received shape {tuple(param.shape)}. Pass a `{name}` of shape "
+            f"{tuple(expected)} or check the `axis` argument."
         )
 
 
@@ -277,3 +295,62 @@ def check_grad(func: str, dy: Any, expected: dict) -> None:
             f"{func}: `dy` must have the shape of the last output {tuple(expected['shape'])}; "
             f"received {tuple(dy.shape)} (broadcasting is not applied to gradients)."
         )
+
+
+def check_grad_like(func: str, dy: Array, x: Array, xp: Any) -> None:
+    """Functional backward passes: ``dy`` must be a real floating array with exactly the dtype
+    (TypeError, as in ``Layer.backward``) and the shape (ValueError) of ``x``. Namespace and
+    device are checked with the other arrays by :func:`namespace`."""
+    check_floating(func, "dy", dy, xp)
+    if dy.dtype != x.dtype:
+        raise TypeError(
+            f"{func}: `dy` has dtype {dy.dtype} but `x` has dtype {x.dtype}; cast dy to "
+            f"{x.dtype} (the upstream gradient has the dtype of the output, which is x's)."
+        )
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(
+            f"{func}: `dy` must have the shape and dtype of `x` {tuple(x.shape)}, {x.dtype}; "
+            f"received {tuple(dy.shape)}, {dy.dtype} (broadcasting is not applied to gradients)."
+        )
+
+
+def check_values_per_stat(func: str, x: Array, count: int, per: str, fix: str) -> None:
+    """Statistics over zero values (a dimension of size 0) would be NaN and leak into running
+    statistics and parameter gradients: refuse them with a ValueError on every backend."""
+    if count == 0:
+        raise ValueError(
+            f"{func}: `x` of shape {tuple(x.shape)} has 0 values per {per} to compute "
+            f"statistics from (a dimension of size 0); {fix}"
+        )
+
+
+def check_param_dtype(func: str, dtype: Any, xp: Any) -> None:
+    """The ``dtype`` given for parameters and buffers (constructor or ``to``) must be a real
+    floating dtype of ``xp``: integer parameters would silently truncate every update.
+    ``None`` (no arrays to create, or "follow the input") passes."""
+    if dtype is None:
+        return
+    try:
+        ok = xp.isdtype(dtype, "real floating")
+    except Exception:  # not a dtype of this namespace at all (a string, a Python type...)
+        ok = False
+    if not ok:
+        raise TypeError(
+            f"{func}: `dtype` for the parameters and buffers must be a real floating dtype "
+            f"of the layer's namespace; received {dtype!r}. Pass e.g. dtype=xp.float32, or "
+            "leave dtype=None to follow the input (float32 for float16/bfloat16 input)."
+        )
+
+
+def check_state_floating(func: str, state: Any, names: Sequence[str]) -> None:
+    """Every array entry ``names`` of a state dict has a real floating dtype (TypeError),
+    checked before anything is loaded so that a refused state leaves the layer unchanged."""
+    for k in names:
+        value = state.get(k) if hasattr(state, "get") else None
+        if _compat.is_array(value) and not _compat.array_namespace(value).isdtype(
+            value.dtype, "real floating"
+        ):
+            raise TypeError(
+                f"{func}: entry {k!r} must have a real floating dtype; received {value.dtype}. "
+                f"Cast it first, e.g. xp.astype(state[{k!r}], xp.float32)."
+            )

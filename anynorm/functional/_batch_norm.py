@@ -6,7 +6,15 @@ from typing import Any
 
 from .. import _validation as V
 from .._compat import compute_dtype
-from ._moments import _size, as_compute, inv_std, moments, standardize, standardize_backward
+from ._moments import (
+    _size,
+    as_compute,
+    centered_moments,
+    inv_std,
+    moments,
+    standardize,
+    standardize_backward,
+)
 
 Array = Any
 
@@ -57,7 +65,13 @@ def _prepare(func, x, weight, bias, mean, var, axis, eps, dy=None):
             f"{func}: pass both `mean` and `var` (frozen statistics) or neither (batch statistics)."
         )
     if mean is None:
+        V.check_values_per_stat(
+            func, x, _size(x, red), "feature", "pass a non-empty batch, or frozen `mean` and "
+            "`var` (an empty batch normalized with them gives an empty output)."
+        )
         check_enough_values(func, x, red)
+    if dy is not None:
+        V.check_grad_like(func, dy, x, xp)
     if dy is not None and (tuple(dy.shape) != tuple(x.shape) or dy.dtype != x.dtype):
         raise ValueError(
             f"{func}: `dy` must have the shape and dtype of `x` {tuple(x.shape)}, {x.dtype}; "
@@ -73,10 +87,11 @@ def _prepare(func, x, weight, bias, mean, var, axis, eps, dy=None):
 
 
 def _stats(x, red, cdt, eps, mean, var, shaped, *, xp):
+    """``(mean, istd, centred x or None)`` from the batch or the frozen statistics."""
     if mean is None:
-        mu, v = moments(x, red, cdt, xp=xp)
-        return mu, inv_std(v, eps, xp=xp)
-    return shaped(mean), inv_std(shaped(var), eps, xp=xp)
+        mu, v, d = centered_moments(x, red, cdt, xp=xp)
+        return mu, inv_std(v, eps, xp=xp), d
+    return shaped(mean), inv_std(shaped(var), eps, xp=xp), None
 
 
 def batch_norm(
@@ -122,8 +137,8 @@ def batch_norm(
     """
     func = "anynorm.functional.batch_norm"
     xp, eps, red, _, cdt, shaped = _prepare(func, x, weight, bias, mean, var, axis, eps)
-    mu, istd = _stats(x, red, cdt, eps, mean, var, shaped, xp=xp)
-    return standardize(x, mu, istd, shaped(weight), shaped(bias), red, xp=xp)
+    mu, istd, d = _stats(x, red, cdt, eps, mean, var, shaped, xp=xp)
+    return standardize(x, mu, istd, shaped(weight), shaped(bias), red, xp=xp, centered=d)
 
 
 def batch_norm_backward(
@@ -154,7 +169,7 @@ def batch_norm_backward(
     """
     func = "anynorm.functional.batch_norm_backward"
     xp, eps, red, fshape, cdt, shaped = _prepare(func, x, weight, None, mean, var, axis, eps, dy=dy)
-    mu, istd = _stats(x, red, cdt, eps, mean, var, shaped, xp=xp)
+    mu, istd, _ = _stats(x, red, cdt, eps, mean, var, shaped, xp=xp)
     dx, dw, db = standardize_backward(
         dy, x, mu, istd, shaped(weight), red, red, frozen=mean is not None, xp=xp
     )

@@ -7,7 +7,15 @@ from typing import Any
 from .. import _validation as V
 from .._compat import compute_dtype
 from ._batch_norm import broadcast_shape
-from ._moments import _size, as_compute, inv_std, moments, standardize, standardize_backward
+from ._moments import (
+    _size,
+    as_compute,
+    centered_moments,
+    inv_std,
+    moments,
+    standardize,
+    standardize_backward,
+)
 
 Array = Any
 
@@ -25,6 +33,8 @@ def _common(func, x, eps, dy, **arrays):
     xp = V.namespace(func, x=x, dy=dy, **arrays)
     V.check_floating(func, "x", x, xp)
     V.check_known_shape(func, "x", x)
+    if dy is not None:
+        V.check_grad_like(func, dy, x, xp)
     if dy is not None and (tuple(dy.shape) != tuple(x.shape) or dy.dtype != x.dtype):
         raise ValueError(
             f"{func}: `dy` must have the shape and dtype of `x` {tuple(x.shape)}, {x.dtype}; "
@@ -39,9 +49,9 @@ def _shaped(a, cdt, shape, *, xp):
 
 def _normalize(x, axes, weight, bias, bshape, cdt, eps, *, xp):
     """Standardize over ``axes`` with statistics of ``x``, then the affine map."""
-    mean, var = moments(x, axes, cdt, xp=xp)
+    mean, var, d = centered_moments(x, axes, cdt, xp=xp)
     weight, bias = _shaped(weight, cdt, bshape, xp=xp), _shaped(bias, cdt, bshape, xp=xp)
-    return standardize(x, mean, inv_std(var, eps, xp=xp), weight, bias, axes, xp=xp)
+    return standardize(x, mean, inv_std(var, eps, xp=xp), weight, bias, axes, xp=xp, centered=d)
 
 
 def _normalize_backward(dy, x, axes, params, weight, bshape, cdt, eps, *, xp):
@@ -219,6 +229,10 @@ def _instance_stats(func, x, stats, bshape, cdt, eps, mean, var, *, xp):
     if (mean is None) != (var is None):
         raise ValueError(f"{func}: pass both `mean` and `var` (frozen statistics) or neither.")
     if mean is None:
+        V.check_values_per_stat(
+            func, x, _size(x, stats), "channel of each sample",
+            "instance norm needs at least 2 spatial elements per channel.",
+        )
         check_spatial(func, x, stats)
         mu, v = moments(x, stats, cdt, xp=xp)
         return mu, inv_std(v, eps, xp=xp)

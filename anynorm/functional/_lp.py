@@ -29,6 +29,7 @@ def _prepare(func: str, x: Array, p: Any, axis: Any, eps: Any, dy: Array | None 
     eps = V.check_eps(func, eps)
     axes = V.normalize_axis(func, axis, x.ndim)
     if dy is not None:
+        V.check_grad_like(func, dy, x, xp)
         V.check_floating(func, "dy", dy, xp)
         if tuple(dy.shape) != tuple(x.shape) or dy.dtype != x.dtype:
             raise ValueError(

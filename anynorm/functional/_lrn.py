@@ -45,6 +45,8 @@ def _prepare(func, x, size, alpha, beta, k, axis, dy=None):
     k = V.check_number(func, "k", k)
     V.check_ndim(func, "x", x, 1)
     (ax,) = V.normalize_axis(func, V.check_channel_axis(func, axis), x.ndim)
+    if dy is not None:
+        V.check_grad_like(func, dy, x, xp)
     if dy is not None and (tuple(dy.shape) != tuple(x.shape) or dy.dtype != x.dtype):
         raise ValueError(
             f"{func}: `dy` must have the shape and dtype of `x` {tuple(x.shape)}, {x.dtype}; "

@@ -1,4 +1,4 @@
-"""The shared core of batch, layer, instance and group normalization.
+"""The shared core of batch, layer, instance, group and RMS normalization.
 
 They differ only in which axes the statistics reduce over (``axes``) and which axes the
 affine parameters vary along. This module computes the statistics (two-pass: mean, then the
@@ -11,13 +11,21 @@ backward every member of the family uses:
     dγ = Σ_P g·x̂,   dβ = Σ_P g
 
 with ``R`` the statistics axes (``M`` elements) and ``P`` the axes the parameters are
-broadcast over. Arrays are in the compute dtype (float32 for float16/bfloat16 input).
+broadcast over. RMS norm is the uncentred case (``μ = 0``, no ``Σ_R dx̂`` term). Arrays are in
+the compute dtype (float32 for float16/bfloat16 input).
+
+Speed: the kernels make as few passes over memory as they can. Sums of products go through
+``vecdot`` when the reduced axes are trailing (no product temporary), and full-size
+temporaries the function has just allocated are updated in place where that is safe
+(:func:`anynorm._compat.inplace_ok`); inputs and cached arrays are never written.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+from .._compat import inplace_ok
 
 Array = Any
 
@@ -31,23 +39,79 @@ def _sum(a: Array, axes: tuple[int, ...], *, xp: Any) -> Array:
     return xp.sum(a, axis=axes, keepdims=True) if axes else a
 
 
+def sum_prod(a: Array, b: Array, axes: tuple[int, ...], *, xp: Any) -> Array:
+    """``Σ_axes a·b`` with keepdims. When the reduced axes end with a run of trailing axes,
+    that run goes through ``vecdot`` (one read of each operand, no product temporary)."""
+    if not axes:
+        return a * b
+    nd = a.ndim
+    if axes[-1] != nd - 1 or a.shape != b.shape:
+        return xp.sum(a * b, axis=axes, keepdims=True)
+    start = nd - 1
+    while start - 1 in axes:
+        start -= 1
+    lead = tuple(int(s) for s in a.shape[:start])
+    flat = (*lead, _size(a, tuple(range(start, nd))))
+    r = xp.vecdot(xp.reshape(a, flat), xp.reshape(b, flat), axis=-1)
+    r = xp.reshape(r, (*lead, *([1] * (nd - start))))
+    rest = tuple(ax for ax in axes if ax < start)
+    return xp.sum(r, axis=rest, keepdims=True) if rest else r
+
+
+def _imul(a: Array, b: Any) -> Array:
+    """``a·b``, written into ``a`` when ``a`` is a fresh temporary that may be written."""
+    if inplace_ok(a):
+        a *= b
+        return a
+    return a * b
+
+
+def _iadd(a: Array, b: Any) -> Array:
+    if inplace_ok(a):
+        a += b
+        return a
+    return a + b
+
+
+def _isub(a: Array, b: Any) -> Array:
+    if inplace_ok(a):
+        a -= b
+        return a
+    return a - b
+
+
 def as_compute(a: Array, cdt: Any, *, xp: Any) -> Array:
     return a if a.dtype == cdt else xp.astype(a, cdt)
 
 
-def moments(x: Array, axes: tuple[int, ...], cdt: Any, *, xp: Any) -> tuple[Array, Array]:
-    """Mean and biased variance over ``axes`` (keepdims) in ``cdt``, two-pass."""
+def centered_moments(
+    x: Array, axes: tuple[int, ...], cdt: Any, *, xp: Any
+) -> tuple[Array, Array, Array]:
+    """``(mean, var, x − mean)``: mean and biased variance over ``axes`` (keepdims) in
+    ``cdt``, two-pass, plus the centred array (a fresh temporary the caller may consume)."""
     xc = as_compute(x, cdt, xp=xp)
     mean = xp.mean(xc, axis=axes, keepdims=True)
     d = xc - mean
-    var = xp.mean(d * d, axis=axes, keepdims=True)
+    count = _size(x, axes)
+    if count == 0:  # empty reduction: NaN statistics, as the mean of nothing
+        return mean, mean, d
+    var = sum_prod(d, d, axes, xp=xp) / count
+    return mean, var, d
+
+
+def moments(x: Array, axes: tuple[int, ...], cdt: Any, *, xp: Any) -> tuple[Array, Array]:
+    """Mean and biased variance over ``axes`` (keepdims) in ``cdt``, two-pass."""
+    mean, var, _ = centered_moments(x, axes, cdt, xp=xp)
     return mean, var
 
 
 def mean_square(x: Array, axes: tuple[int, ...], cdt: Any, *, xp: Any) -> Array:
     """Mean of ``x²`` over ``axes`` (keepdims) in ``cdt``: the RMS statistic."""
     xc = as_compute(x, cdt, xp=xp)
-    return xp.mean(xc * xc, axis=axes, keepdims=True)
+    count = _size(x, axes)
+    if count == 0:
+        return xp.mean(xc, axis=axes, keepdims=True)
+    return sum_prod(xc, xc, axes, xp=xp) / count
 
 
 def inv_std(var: Array, eps: float, *, xp: Any) -> Array:
@@ -67,27 +131,29 @@ def standardize(
     axes: tuple[int, ...],
     *,
     xp: Any,
+    centered: Array | None = None,
 ) -> Array:
     """``y = γ·(x − μ)·istd + β`` cast back to ``x.dtype``.
 
     ``mean``, ``istd``, ``weight`` and ``bias`` broadcast against ``x`` (keepdims shapes) and
-    are in the compute dtype. When ``γ`` is constant along the statistics axes (batch and
-    instance norm) it runs as one fused ``x·scale + shift`` with per-group vectors.
-    ``mean=None`` is the uncentred (RMS) form ``y = γ·x·istd + β``."""
+    are in the compute dtype. ``centered`` is ``x − mean`` from :func:`centered_moments`,
+    consumed (written into) to become ``y``. ``mean=None`` is the uncentred (RMS) form
+    ``y = γ·x·istd + β``."""
     cdt = istd.dtype
-    xc = as_compute(x, cdt, xp=xp)
-    if _constant_over(weight, axes):
-        scale = istd if weight is None else istd * weight
-        y = xc * scale
-        if mean is not None:
-            y = y - mean * scale
-        if bias is not None:
-            y = y + bias
+    if centered is not None:
+        y = centered
+    elif mean is None:
+        y = None
     else:
-        y = xc * istd if mean is None else (xc - mean) * istd
-        y = y * weight
-        if bias is not None:
-            y = y + bias
+        y = as_compute(x, cdt, xp=xp) - mean
+    if _constant_over(weight, axes):
+        scale = istd if weight is None else istd * weight  # per-group vector
+        y = as_compute(x, cdt, xp=xp) * scale if y is None else _imul(y, scale)
+    else:
+        y = as_compute(x, cdt, xp=xp) * istd if y is None else _imul(y, istd)
+        y = _imul(y, weight)
+    if bias is not None:
+        y = _iadd(y, bias)
     return as_compute(y, x.dtype, xp=xp)
 
 
@@ -121,7 +187,7 @@ def standardize_backward(
     if per_group:
         # Everything follows from two per-group sums: A = Σ_R g, C = Σ_R g·x̂.
         a_sum = _sum(g, axes, xp=xp)
-        gx = _sum(g * xc, axes, xp=xp)
+        gx = sum_prod(g, xc, axes, xp=xp)
         c_sum = istd * (gx if mean is None else gx - mean * a_sum)
         k = istd if weight is None else istd * weight
         if frozen:
@@ -129,28 +195,25 @@ def standardize_backward(
         else:
             # dx = k·(g − (A + x̂·C)/M) = k·g + m·x + n with per-group m, n.
             m = -(k * istd * c_sum) / m_count
-            if mean is None:
-                dx = g * k + xc * m
-            else:
-                n = -(k * a_sum) / m_count - m * mean
-                dx = g * k + xc * m + n
+            dx = _iadd(g * k, xc * m)
+            if mean is not None:
+                dx = _isub(dx, k * a_sum / m_count + m * mean)
         if param_axes is not None:
             rest = tuple(a for a in param_axes if a not in axes)
             dweight = _sum(c_sum, rest, xp=xp)
             dbias = _sum(a_sum, rest, xp=xp)
     else:
-        xhat = xc * istd if mean is None else (xc - mean) * istd
-        dxh = g if weight is None else g * weight
+        xhat = xc * istd if mean is None else _imul(xc - mean, istd)
+        dxh = g * weight if weight is not None else g
+        if param_axes is not None:
+            dweight = sum_prod(g, xhat, param_axes, xp=xp)
+            dbias = _sum(g, param_axes, xp=xp)
         if frozen:
             dx = dxh * istd
         else:
-            s2 = _sum(dxh * xhat, axes, xp=xp)
-            if mean is None:
-                dx = (dxh - xhat * (s2 / m_count)) * istd
-            else:
-                s1 = _sum(dxh, axes, xp=xp)
-                dx = (dxh - (s1 + xhat * s2) / m_count) * istd
-        if param_axes is not None:
-            dweight = _sum(g * xhat, param_axes, xp=xp)
-            dbias = _sum(g, param_axes, xp=xp)
+            s2 = sum_prod(dxh, xhat, axes, xp=xp) / m_count
+            corr = _imul(xhat, s2)  # x̂ is not needed after this: reuse it
+            if mean is not None:
+                corr = _iadd(corr, _sum(dxh, axes, xp=xp) / m_count)
+            dx = _imul(dxh - corr if dxh is g else _isub(dxh, corr), istd)
     return as_compute(dx, x.dtype, xp=xp), dweight, dbias

@@ -114,6 +114,7 @@ class Layer:
         return self._xp
 
     def _materialize(self, xp: Any, dev: Any, dtype: Any) -> None:
+        V.check_param_dtype(f"anynorm.{self._name}", dtype, xp)
         shapes = self._state_shapes()
         int_dtype = _compat.index_dtype(xp, dev)
         for name in (*self._param_names, *self._buffer_names):
@@ -286,6 +287,7 @@ class Layer:
                     f"{func}: entry {k!r} must be an array or a number; received "
                     f"{type(state[k]).__name__}."
                 )
+        V.check_state_floating(func, state, [k for k in expected if k != "num_batches_tracked"])
         # Shapes: compare with the known ones; otherwise learn them from the state.
         learned = None
         bad = []
@@ -365,6 +367,8 @@ class Layer:
         where possible, else a host copy. The forward cache is dropped: run a new forward
         before the next backward. Returns the layer."""
         xp = _compat.namespace_of(target)
+        if dtype is not None:
+            V.check_param_dtype(self._f("to"), dtype, xp)
         if device is None and _compat.is_array(target):
             device = _compat.device(target)
         if device is None and self._holds_arrays:

@@ -15,8 +15,8 @@ from ..functional._batch_norm import (
 from ..functional._moments import (
     _size,
     as_compute,
+    centered_moments,
     inv_std,
-    moments,
     standardize,
     standardize_backward,
 )
@@ -183,15 +183,21 @@ class BatchNorm(_RunningStatsMixin, Layer):
 
         weight, bias = shaped("weight", self.params), shaped("bias", self.params)
         batch = self._uses_batch_stats()
+        centered = None
         if batch:
+            V.check_values_per_stat(
+                func, x, _size(x, red), "feature", "pass a non-empty batch, or use evaluation "
+                "mode (layer.eval()) with running statistics, where an empty batch gives an "
+                "empty output."
+            )
             check_enough_values(func, x, red)
-            mean, var = moments(x, red, cdt, xp=xp)
+            mean, var, centered = centered_moments(x, red, cdt, xp=xp)
             if self.training and self.track_running_stats:
                 self._track(xp, mean, var, _size(x, red), fshape)
         else:
             mean, var = shaped("running_mean", self.buffers), shaped("running_var", self.buffers)
         istd = inv_std(var, self.eps, xp=xp)
-        y = standardize(x, mean, istd, weight, bias, red, xp=xp)
+        y = standardize(x, mean, istd, weight, bias, red, xp=xp, centered=centered)
         return y, (x, mean, istd, weight, red, not batch, fshape)
 
     def _backward(self, dy: Array, cache: Any, xp: Any):

@@ -16,9 +16,9 @@ from ..functional._layer_norm import (
 from ..functional._lrn import lrn_backward, lrn_forward
 from ..functional._moments import (
     _size,
+    centered_moments,
     inv_std,
     mean_square,
-    moments,
     standardize,
     standardize_backward,
 )
@@ -139,9 +139,9 @@ class LayerNorm(_AffineLayer):
         axes, _, bshape, rest = layer_layout(self._f("forward"), x, self._axes_for(x))
         cdt = compute_dtype(xp, x.dtype)
         weight, bias = self._cast("weight", cdt, bshape, xp), self._cast("bias", cdt, bshape, xp)
-        mean, var = moments(x, axes, cdt, xp=xp)
+        mean, var, d = centered_moments(x, axes, cdt, xp=xp)
         istd = inv_std(var, self.eps, xp=xp)
-        y = standardize(x, mean, istd, weight, bias, axes, xp=xp)
+        y = standardize(x, mean, istd, weight, bias, axes, xp=xp, centered=d)
         return y, (x, mean, istd, weight, axes, rest, False, None)
 
 
@@ -220,9 +220,10 @@ class GroupNorm(_AffineLayer):
         cdt = compute_dtype(xp, x.dtype)
         weight, bias = self._cast("weight", cdt, bshape, xp), self._cast("bias", cdt, bshape, xp)
         xg = xp.reshape(x, gshape)
-        mean, var = moments(xg, stats, cdt, xp=xp)
+        mean, var, d = centered_moments(xg, stats, cdt, xp=xp)
         istd = inv_std(var, self.eps, xp=xp)
-        y = xp.reshape(standardize(xg, mean, istd, weight, bias, stats, xp=xp), x.shape)
+        y = standardize(xg, mean, istd, weight, bias, stats, xp=xp, centered=d)
+        y = xp.reshape(y, x.shape)
         return y, (x, mean, istd, weight, stats, params, False, gshape)
 
 
@@ -316,10 +317,20 @@ class InstanceNorm(_RunningStatsMixin, _AffineLayer):
         cdt = compute_dtype(xp, x.dtype)
         weight, bias = self._cast("weight", cdt, bshape, xp), self._cast("bias", cdt, bshape, xp)
         batch = self.training or not self.track_running_stats
+        centered = None
         if batch:
+            V.check_values_per_stat(
+                func, x, _size(x, stats), "channel of each sample",
+                "instance norm needs at least 2 spatial elements per channel.",
+            )
             check_spatial(func, x, stats)
-            mean, var = moments(x, stats, cdt, xp=xp)
+            mean, var, centered = centered_moments(x, stats, cdt, xp=xp)
             if self.training and self.track_running_stats:
+                V.check_values_per_stat(
+                    func, x, int(x.shape[0]), "channel across the batch", "running statistics "
+                    "cannot be updated from an empty batch; skip empty batches, or call "
+                    "layer.eval() first.",
+                )
                 # running statistics follow the batch average of the per-instance ones
                 self._track(
                     xp, xp.mean(mean, axis=0), xp.mean(var, axis=0), _size(x, stats), self._pshape
@@ -328,7 +339,7 @@ class InstanceNorm(_RunningStatsMixin, _AffineLayer):
             mean = _shaped(self.buffers["running_mean"], cdt, bshape, xp=xp)
             var = _shaped(self.buffers["running_var"], cdt, bshape, xp=xp)
         istd = inv_std(var, self.eps, xp=xp)
-        y = standardize(x, mean, istd, weight, bias, stats, xp=xp)
+        y = standardize(x, mean, istd, weight, bias, stats, xp=xp, centered=centered)
         params = tuple(a for a in range(x.ndim) if a != c)
         return y, (x, mean, istd, weight, stats, params, not batch, None)
 
