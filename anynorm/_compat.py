@@ -53,6 +53,20 @@ def device(x: Array) -> Any:
     return array_api_compat.device(x)
 
 
+def no_autodiff(xp: Namespace) -> Any:
+    """A context in which the framework records no autodiff graph: ``torch.no_grad()`` for
+    torch, nothing elsewhere. The explicit backward, the running statistics and the SGD
+    update run in it, so a training loop on tensors that require grad keeps no graph (the
+    standard has no notion of autodiff)."""
+    if is_torch_namespace(xp):
+        import torch
+
+        return torch.no_grad()
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def inplace_ok(a: Array) -> bool:
     """May anynorm write into ``a``, a temporary it has just allocated itself?
 

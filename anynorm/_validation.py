@@ -73,7 +73,9 @@ def check_floating(func: str, name: str, x: Array, xp: Any) -> None:
 
 def check_ndim(func: str, name: str, x: Array, min_ndim: int, hint: str = "") -> None:
     if x.ndim < min_ndim:
-        hint = hint or f"Pass an input with at least {min_ndim} axes (e.g. add a batch axis: x[None])."
+        hint = hint or (
+            f"Pass an input with at least {min_ndim} axes (e.g. add a batch axis: x[None])."
+        )
         raise ValueError(
             f"{func}: `{name}` must have at least {min_ndim} dimensions; received shape "
             f"{tuple(x.shape)} ({x.ndim}-D). {hint}"
@@ -176,8 +178,9 @@ def check_number(
     if high is not None and v > high:
         bad = True
     if bad:
-        lo = "(" if low_open else "["
-        rng = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        lo = "(" if low_open or low is None else "["
+        hi = f"{high}]" if high is not None else ("inf]" if allow_inf else "inf)")
+        rng = f"{lo}{'-inf' if low is None else low}, {hi}"
         hint = hint or f" Pass a finite number in {rng}."
         raise ValueError(f"{func}: `{name}` must be in {rng}; received {value!r}.{hint}")
     return v

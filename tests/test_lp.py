@@ -140,7 +140,7 @@ def test_inputs_are_not_modified(bk, rng):
         ({"p": True}, ValueError, "`p` must be a real number >= 1 or math.inf; received True"),
         ({"p": math.nan}, ValueError, "`p` must be a real number >= 1"),
         ({"p": "2"}, TypeError, "`p` must be a real number; received '2'"),
-        ({"eps": -1.0}, ValueError, r"`eps` must be in \[0.0, inf\]; received -1.0"),
+        ({"eps": -1.0}, ValueError, r"`eps` must be in \[0.0, inf\); received -1.0"),
         ({"axis": 2}, ValueError, r"`axis`=2 is out of range for a 2-D input"),
         ({"axis": (1, -1)}, ValueError, r"repeats an axis"),
         ({"axis": 1.0}, TypeError, "`axis` must be an int, a tuple of ints or None"),

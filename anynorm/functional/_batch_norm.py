@@ -66,8 +66,12 @@ def _prepare(func, x, weight, bias, mean, var, axis, eps, dy=None):
         )
     if mean is None:
         V.check_values_per_stat(
-            func, x, _size(x, red), "feature", "pass a non-empty batch, or frozen `mean` and "
-            "`var` (an empty batch normalized with them gives an empty output)."
+            func,
+            x,
+            _size(x, red),
+            "feature",
+            "pass a non-empty batch, or frozen `mean` and "
+            "`var` (an empty batch normalized with them gives an empty output).",
         )
         check_enough_values(func, x, red)
     if dy is not None:

@@ -68,6 +68,14 @@ def layer_layout(func: str, x: Array, axis: Any):
     if not axes:
         raise ValueError(f"{func}: `axis` must name at least one axis; received {axis!r}.")
     pshape = tuple(int(x.shape[a]) for a in axes)
+    V.check_values_per_stat(
+        func,
+        x,
+        _size(x, axes),
+        f"normalized slice (axis={axis!r})",
+        "normalize over axes of non-zero size (empty other axes, e.g. an empty batch, are "
+        "fine and give an empty output).",
+    )
     rest = tuple(a for a in range(x.ndim) if a not in axes)
     return axes, pshape, broadcast_shape(x.ndim, axes, pshape), rest
 
@@ -138,6 +146,14 @@ def group_layout(func: str, x: Array, num_groups: int, axis: Any):
         )
     shape = tuple(int(s) for s in x.shape)
     gshape = (*shape[:c], num_groups, n_ch // num_groups, *shape[c + 1 :])
+    V.check_values_per_stat(
+        func,
+        x,
+        _size(x, tuple(a for a in range(1, x.ndim) if a != c)) * (n_ch // num_groups),
+        "group",
+        "each group needs channels and a non-empty spatial extent (an empty batch "
+        "is fine and gives an empty output).",
+    )
     stats = tuple(a for a in range(1, len(gshape)) if a != c)
     bshape = broadcast_shape(len(gshape), (c, c + 1), (num_groups, n_ch // num_groups))
     params = tuple(a for a in range(len(gshape)) if a not in (c, c + 1))
@@ -230,7 +246,10 @@ def _instance_stats(func, x, stats, bshape, cdt, eps, mean, var, *, xp):
         raise ValueError(f"{func}: pass both `mean` and `var` (frozen statistics) or neither.")
     if mean is None:
         V.check_values_per_stat(
-            func, x, _size(x, stats), "channel of each sample",
+            func,
+            x,
+            _size(x, stats),
+            "channel of each sample",
             "instance norm needs at least 2 spatial elements per channel.",
         )
         check_spatial(func, x, stats)

@@ -7,7 +7,7 @@ from typing import Any
 
 from .. import _validation as V
 from .._compat import compute_dtype
-from ._moments import _size, as_compute
+from ._moments import as_compute
 
 Array = Any
 
@@ -42,7 +42,7 @@ def _prepare(func: str, x: Array, p: Any, axis: Any, eps: Any, dy: Array | None 
 def lp_norm(x: Array, p: float, axes: tuple[int, ...], *, xp: Any) -> Array:
     """‖x‖_p over ``axes`` (keepdims) in the compute dtype; overflow-safe for general p."""
     xc = as_compute(x, compute_dtype(xp, x.dtype), xp=xp)
-    if _size(x, axes) == 0:  # the norm of an empty vector is 0 (max() of nothing would fail)
+    if math.prod(int(s) for s in x.shape) == 0:  # empty: norms are 0, max() would fail
         return xp.sum(xp.abs(xc), axis=axes, keepdims=True)
     if p == 2.0:
         return xp.sqrt(xp.sum(xc * xc, axis=axes, keepdims=True))

@@ -35,8 +35,9 @@ def _size(x: Array, axes: tuple[int, ...]) -> int:
 
 
 def _sum(a: Array, axes: tuple[int, ...], *, xp: Any) -> Array:
-    # An empty axis tuple means "no reduction" (torch.sum(dim=()) would sum everything).
-    return xp.sum(a, axis=axes, keepdims=True) if axes else a
+    # An empty axis tuple means "no reduction" (torch.sum(dim=()) would sum everything);
+    # return a copy then, so a gradient never aliases the caller's dy.
+    return xp.sum(a, axis=axes, keepdims=True) if axes else xp.asarray(a, copy=True)
 
 
 def sum_prod(a: Array, b: Array, axes: tuple[int, ...], *, xp: Any) -> Array:

@@ -205,8 +205,9 @@ class Layer:
                 "first (and again after layer.to(...) or load_state_dict)."
             )
         V.check_grad(func, dy, self._out)
-        dx, grads = self._backward(dy, self._cache, self._out["xp"])
         xp = self._out["xp"]
+        with _compat.no_autodiff(xp):
+            dx, grads = self._backward(dy, self._cache, xp)
         self.grads = {
             k: (g if g.dtype == self.params[k].dtype else xp.astype(g, self.params[k].dtype))
             for k, g in grads.items()
@@ -243,6 +244,10 @@ class Layer:
                 f"{func}: the layer has parameters {sorted(self.params)} but no gradients; "
                 "call forward(x) and backward(dy) before update()."
             )
+        with _compat.no_autodiff(self._xp):
+            self._sgd_step(lr, momentum, decay)
+
+    def _sgd_step(self, lr: float, momentum: float, decay: float) -> None:
         for name, theta in self.params.items():
             g = self.grads[name]
             if decay:
@@ -444,6 +449,38 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Number) and not isinstance(value, bool)
 
 
+def _read_npz(func: str, path: str, fh: Any) -> dict:
+    """Every entry of an open ``.npz`` file, read with ``allow_pickle=False``."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        npz = np.load(fh, allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise ValueError(
+            f"{func}: {path!r} is not a readable anynorm checkpoint (truncated or not an .npz "
+            f"file): {exc}"
+        ) from exc
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{func}: {path!r} holds a single array, not an anynorm checkpoint.")
+    entries = {}
+    with npz:
+        for key in npz.files:
+            try:
+                entries[key] = npz[key]
+            except ValueError as exc:
+                raise ValueError(
+                    f"{func}: entry {key!r} of {path!r} cannot be loaded without pickle "
+                    f"(object array?); anynorm never unpickles. ({exc})"
+                ) from exc
+            except (zipfile.BadZipFile, EOFError, OSError) as exc:
+                raise ValueError(
+                    f"{func}: entry {key!r} of {path!r} is truncated or corrupt: {exc}"
+                ) from exc
+    return entries
+
+
 def load(path: str | os.PathLike, xp: Any = None, device: Any = None) -> Layer:
     """Rebuild a layer saved with ``layer.save(path)``.
 
@@ -463,37 +500,12 @@ def load(path: str | os.PathLike, xp: Any = None, device: Any = None) -> Layer:
         holds object arrays (never unpickled), names an unknown class or a newer format
         version, or has missing, unexpected or mis-shaped entries.
     """
-    import zipfile
-
-    import numpy as np
 
     func = "anynorm.load"
     path = os.fspath(path)
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise ValueError(
-            f"{func}: {path!r} is not a readable anynorm checkpoint (truncated or not an .npz "
-            f"file): {exc}"
-        ) from exc
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ValueError(f"{func}: {path!r} holds a single array, not an anynorm checkpoint.")
-    with npz:
-        entries = {}
-        for key in npz.files:
-            try:
-                entries[key] = npz[key]
-            except ValueError as exc:
-                raise ValueError(
-                    f"{func}: entry {key!r} of {path!r} cannot be loaded without pickle "
-                    f"(object array?); anynorm never unpickles. ({exc})"
-                ) from exc
-            except (zipfile.BadZipFile, EOFError, OSError) as exc:
-                raise ValueError(
-                    f"{func}: entry {key!r} of {path!r} is truncated or corrupt: {exc}"
-                ) from exc
+    with open(path, "rb") as fh:  # FileNotFoundError stays as it is
+        entries = _read_npz(func, path, fh)
+
     if CONFIG_KEY not in entries:
         raise ValueError(
             f"{func}: {path!r} is not an anynorm checkpoint (no {CONFIG_KEY!r} entry); "

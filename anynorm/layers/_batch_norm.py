@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _validation as V
-from .._compat import compute_dtype
+from .._compat import compute_dtype, no_autodiff
 from ..functional._batch_norm import (
     broadcast_shape,
     check_enough_values,
@@ -44,6 +44,10 @@ class _RunningStatsMixin:
         return 1.0 / xp.astype(nbt, self.buffers["running_mean"].dtype)
 
     def _track(self, xp: Any, mean: Array, var: Array, count: int, fshape: tuple) -> None:
+        with no_autodiff(xp):  # running statistics are state, not part of any graph
+            self._track_now(xp, mean, var, count, fshape)
+
+    def _track_now(self, xp: Any, mean: Array, var: Array, count: int, fshape: tuple) -> None:
         momentum = self._momentum_now(xp)
         self.buffers["running_mean"], self.buffers["running_var"] = update_running_stats(
             self.buffers["running_mean"],
@@ -186,9 +190,13 @@ class BatchNorm(_RunningStatsMixin, Layer):
         centered = None
         if batch:
             V.check_values_per_stat(
-                func, x, _size(x, red), "feature", "pass a non-empty batch, or use evaluation "
+                func,
+                x,
+                _size(x, red),
+                "feature",
+                "pass a non-empty batch, or use evaluation "
                 "mode (layer.eval()) with running statistics, where an empty batch gives an "
-                "empty output."
+                "empty output.",
             )
             check_enough_values(func, x, red)
             mean, var, centered = centered_moments(x, red, cdt, xp=xp)

@@ -127,7 +127,7 @@ class LayerNorm(_AffineLayer):
             raise ValueError(
                 f"{func}: normalized_shape={self.normalized_shape} must equal the trailing "
                 f"axes of `x`, but x has shape {tuple(x.shape)}. Pass an input ending in "
-                f"{self.normalized_shape} or build LayerNorm({tuple(x.shape[-k:])})."
+                f"{self.normalized_shape} or build {self._name}({tuple(x.shape[-k:])})."
             )
         return tuple(range(x.ndim - k, x.ndim))
 
@@ -320,14 +320,21 @@ class InstanceNorm(_RunningStatsMixin, _AffineLayer):
         centered = None
         if batch:
             V.check_values_per_stat(
-                func, x, _size(x, stats), "channel of each sample",
+                func,
+                x,
+                _size(x, stats),
+                "channel of each sample",
                 "instance norm needs at least 2 spatial elements per channel.",
             )
             check_spatial(func, x, stats)
             mean, var, centered = centered_moments(x, stats, cdt, xp=xp)
             if self.training and self.track_running_stats:
                 V.check_values_per_stat(
-                    func, x, int(x.shape[0]), "channel across the batch", "running statistics "
+                    func,
+                    x,
+                    int(x.shape[0]),
+                    "channel across the batch",
+                    "running statistics "
                     "cannot be updated from an empty batch; skip empty batches, or call "
                     "layer.eval() first.",
                 )
