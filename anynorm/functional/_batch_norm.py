@@ -76,11 +76,6 @@ def _prepare(func, x, weight, bias, mean, var, axis, eps, dy=None):
         check_enough_values(func, x, red)
     if dy is not None:
         V.check_grad_like(func, dy, x, xp)
-    if dy is not None and (tuple(dy.shape) != tuple(x.shape) or dy.dtype != x.dtype):
-        raise ValueError(
-            f"{func}: `dy` must have the shape and dtype of `x` {tuple(x.shape)}, {x.dtype}; "
-            f"received {tuple(dy.shape)}, {dy.dtype}."
-        )
     cdt = compute_dtype(xp, x.dtype)
     bshape = broadcast_shape(x.ndim, feat, fshape)
 

@@ -35,11 +35,6 @@ def _common(func, x, eps, dy, **arrays):
     V.check_known_shape(func, "x", x)
     if dy is not None:
         V.check_grad_like(func, dy, x, xp)
-    if dy is not None and (tuple(dy.shape) != tuple(x.shape) or dy.dtype != x.dtype):
-        raise ValueError(
-            f"{func}: `dy` must have the shape and dtype of `x` {tuple(x.shape)}, {x.dtype}; "
-            f"received {tuple(dy.shape)}, {dy.dtype}."
-        )
     return xp, V.check_eps(func, eps), compute_dtype(xp, x.dtype)
 
 
@@ -234,6 +229,14 @@ def instance_layout(func: str, x: Array, axis: Any):
 
 
 def check_spatial(func: str, x: Array, stats: tuple[int, ...]) -> None:
+    """Instance statistics need at least 2 spatial values per channel (0 is refused too)."""
+    V.check_values_per_stat(
+        func,
+        x,
+        _size(x, stats),
+        "channel of each sample",
+        "instance norm needs at least 2 spatial elements per channel.",
+    )
     if _size(x, stats) == 1:
         raise ValueError(
             f"{func}: expected more than 1 spatial element per channel when using instance "
@@ -245,13 +248,6 @@ def _instance_stats(func, x, stats, bshape, cdt, eps, mean, var, *, xp):
     if (mean is None) != (var is None):
         raise ValueError(f"{func}: pass both `mean` and `var` (frozen statistics) or neither.")
     if mean is None:
-        V.check_values_per_stat(
-            func,
-            x,
-            _size(x, stats),
-            "channel of each sample",
-            "instance norm needs at least 2 spatial elements per channel.",
-        )
         check_spatial(func, x, stats)
         mu, v = moments(x, stats, cdt, xp=xp)
         return mu, inv_std(v, eps, xp=xp)

@@ -31,11 +31,6 @@ def _prepare(func: str, x: Array, p: Any, axis: Any, eps: Any, dy: Array | None 
     if dy is not None:
         V.check_grad_like(func, dy, x, xp)
         V.check_floating(func, "dy", dy, xp)
-        if tuple(dy.shape) != tuple(x.shape) or dy.dtype != x.dtype:
-            raise ValueError(
-                f"{func}: `dy` must have the shape and dtype of `x` {tuple(x.shape)}, "
-                f"{x.dtype}; received {tuple(dy.shape)}, {dy.dtype}."
-            )
     return xp, p, axes, eps
 
 

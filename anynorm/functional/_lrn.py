@@ -47,11 +47,6 @@ def _prepare(func, x, size, alpha, beta, k, axis, dy=None):
     (ax,) = V.normalize_axis(func, V.check_channel_axis(func, axis), x.ndim)
     if dy is not None:
         V.check_grad_like(func, dy, x, xp)
-    if dy is not None and (tuple(dy.shape) != tuple(x.shape) or dy.dtype != x.dtype):
-        raise ValueError(
-            f"{func}: `dy` must have the shape and dtype of `x` {tuple(x.shape)}, {x.dtype}; "
-            f"received {tuple(dy.shape)}, {dy.dtype}."
-        )
     return xp, size, alpha, beta, k, ax
 
 

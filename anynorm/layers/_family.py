@@ -50,6 +50,20 @@ class _AffineLayer(Layer):
             grads["bias"] = xp.reshape(db, self._pshape)
         return grads
 
+    def _check_channels(self, x: Array, layout: tuple, name: str, expected: int) -> tuple:
+        """``layout`` (its last entry is the channel count of ``x``) if it has ``expected``
+        channels; else the ValueError naming both."""
+        if layout[-1] != expected:
+            raise ValueError(
+                f"{self._f('forward')}: the layer has {name}={expected} but `x` of shape "
+                f"{tuple(x.shape)} has {layout[-1]} channels on axis={self.axis}."
+            )
+        return layout
+
+    def _feature_shape_from(self, x: Array) -> None:
+        self._layout(x)  # validates x against the layer; the parameter shape is fixed
+        return None
+
     def _backward(self, dy: Array, cache: Any, xp: Any):
         x, mean, istd, weight, stats, params, frozen, gshape = cache
         xv = x if gshape is None else xp.reshape(x, gshape)
@@ -203,17 +217,9 @@ class GroupNorm(_AffineLayer):
 
     def _layout(self, x: Array):
         func = self._f("forward")
-        layout = group_layout(func, x, self.num_groups, self.axis)
-        if layout[-1] != self.num_channels:
-            raise ValueError(
-                f"{func}: the layer has num_channels={self.num_channels} but `x` of shape "
-                f"{tuple(x.shape)} has {layout[-1]} channels on axis={self.axis}."
-            )
-        return layout
-
-    def _feature_shape_from(self, x: Array) -> None:
-        self._layout(x)
-        return None
+        return self._check_channels(
+            x, group_layout(func, x, self.num_groups, self.axis), "num_channels", self.num_channels
+        )
 
     def _forward(self, x: Array, xp: Any):
         gshape, stats, bshape, params, _ = self._layout(x)
@@ -299,17 +305,9 @@ class InstanceNorm(_RunningStatsMixin, _AffineLayer):
 
     def _layout(self, x: Array):
         func = self._f("forward")
-        layout = instance_layout(func, x, self.axis)
-        if layout[-1] != self.num_features:
-            raise ValueError(
-                f"{func}: the layer has num_features={self.num_features} but `x` of shape "
-                f"{tuple(x.shape)} has {layout[-1]} channels on axis={self.axis}."
-            )
-        return layout
-
-    def _feature_shape_from(self, x: Array) -> None:
-        self._layout(x)
-        return None
+        return self._check_channels(
+            x, instance_layout(func, x, self.axis), "num_features", self.num_features
+        )
 
     def _forward(self, x: Array, xp: Any):
         func = self._f("forward")
@@ -319,13 +317,6 @@ class InstanceNorm(_RunningStatsMixin, _AffineLayer):
         batch = self.training or not self.track_running_stats
         centered = None
         if batch:
-            V.check_values_per_stat(
-                func,
-                x,
-                _size(x, stats),
-                "channel of each sample",
-                "instance norm needs at least 2 spatial elements per channel.",
-            )
             check_spatial(func, x, stats)
             mean, var, centered = centered_moments(x, stats, cdt, xp=xp)
             if self.training and self.track_running_stats:
