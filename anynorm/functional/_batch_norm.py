@@ -9,8 +9,7 @@ from .._compat import compute_dtype
 from ._moments import (
     _size,
     as_compute,
-    centered_moments,
-    inv_std,
+    batch_or_frozen,
     moments,
     standardize,
     standardize_backward,
@@ -85,14 +84,6 @@ def _prepare(func, x, weight, bias, mean, var, axis, eps, dy=None):
     return xp, eps, red, fshape, cdt, shaped
 
 
-def _stats(x, red, cdt, eps, mean, var, shaped, *, xp):
-    """``(mean, istd, centred x or None)`` from the batch or the frozen statistics."""
-    if mean is None:
-        mu, v, d = centered_moments(x, red, cdt, xp=xp)
-        return mu, inv_std(v, eps, xp=xp), d
-    return shaped(mean), inv_std(shaped(var), eps, xp=xp), None
-
-
 def batch_norm(
     x: Array,
     weight: Array | None = None,
@@ -136,7 +127,7 @@ def batch_norm(
     """
     func = "anynorm.functional.batch_norm"
     xp, eps, red, _, cdt, shaped = _prepare(func, x, weight, bias, mean, var, axis, eps)
-    mu, istd, d = _stats(x, red, cdt, eps, mean, var, shaped, xp=xp)
+    mu, istd, d = batch_or_frozen(x, red, cdt, eps, shaped(mean), shaped(var), xp=xp)
     return standardize(x, mu, istd, shaped(weight), shaped(bias), red, xp=xp, centered=d)
 
 
@@ -168,7 +159,7 @@ def batch_norm_backward(
     """
     func = "anynorm.functional.batch_norm_backward"
     xp, eps, red, fshape, cdt, shaped = _prepare(func, x, weight, None, mean, var, axis, eps, dy=dy)
-    mu, istd, _ = _stats(x, red, cdt, eps, mean, var, shaped, xp=xp)
+    mu, istd, _ = batch_or_frozen(x, red, cdt, eps, shaped(mean), shaped(var), xp=xp)
     dx, dw, db = standardize_backward(
         dy, x, mu, istd, shaped(weight), red, red, frozen=mean is not None, xp=xp
     )

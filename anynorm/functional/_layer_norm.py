@@ -10,6 +10,7 @@ from ._batch_norm import broadcast_shape
 from ._moments import (
     _size,
     as_compute,
+    batch_or_frozen,
     centered_moments,
     inv_std,
     moments,
@@ -249,9 +250,15 @@ def _instance_stats(func, x, stats, bshape, cdt, eps, mean, var, *, xp):
         raise ValueError(f"{func}: pass both `mean` and `var` (frozen statistics) or neither.")
     if mean is None:
         check_spatial(func, x, stats)
-        mu, v = moments(x, stats, cdt, xp=xp)
-        return mu, inv_std(v, eps, xp=xp)
-    return _shaped(mean, cdt, bshape, xp=xp), inv_std(_shaped(var, cdt, bshape, xp=xp), eps, xp=xp)
+    return batch_or_frozen(
+        x,
+        stats,
+        cdt,
+        eps,
+        _shaped(mean, cdt, bshape, xp=xp),
+        _shaped(var, cdt, bshape, xp=xp),
+        xp=xp,
+    )
 
 
 def instance_norm(
@@ -275,16 +282,9 @@ def instance_norm(
     _, stats, bshape, n_ch = instance_layout(func, x, axis)
     for name, a in (("weight", weight), ("bias", bias), ("mean", mean), ("var", var)):
         V.check_param(func, name, a, (n_ch,), xp)
-    mu, istd = _instance_stats(func, x, stats, bshape, cdt, eps, mean, var, xp=xp)
-    return standardize(
-        x,
-        mu,
-        istd,
-        _shaped(weight, cdt, bshape, xp=xp),
-        _shaped(bias, cdt, bshape, xp=xp),
-        stats,
-        xp=xp,
-    )
+    mu, istd, d = _instance_stats(func, x, stats, bshape, cdt, eps, mean, var, xp=xp)
+    weight, bias = _shaped(weight, cdt, bshape, xp=xp), _shaped(bias, cdt, bshape, xp=xp)
+    return standardize(x, mu, istd, weight, bias, stats, xp=xp, centered=d)
 
 
 def instance_norm_backward(
@@ -304,7 +304,7 @@ def instance_norm_backward(
     c, stats, bshape, n_ch = instance_layout(func, x, axis)
     for name, a in (("weight", weight), ("mean", mean), ("var", var)):
         V.check_param(func, name, a, (n_ch,), xp)
-    mu, istd = _instance_stats(func, x, stats, bshape, cdt, eps, mean, var, xp=xp)
+    mu, istd, _ = _instance_stats(func, x, stats, bshape, cdt, eps, mean, var, xp=xp)
     params = tuple(a for a in range(x.ndim) if a != c)
     dx, dw, db = standardize_backward(
         dy,

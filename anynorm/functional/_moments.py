@@ -100,6 +100,25 @@ def centered_moments(
     return mean, var, d
 
 
+def batch_or_frozen(
+    x: Array,
+    axes: tuple[int, ...],
+    cdt: Any,
+    eps: float,
+    mean: Array | None,
+    var: Array | None,
+    *,
+    xp: Any,
+) -> tuple[Array, Array, Array | None]:
+    """``(mean, istd, centred)``: the statistics of ``x`` over ``axes`` with the centred array
+    (for :func:`standardize`), or the given frozen ``mean``/``var`` (keepdims shapes, compute
+    dtype) with ``centred=None``."""
+    if mean is None:
+        mu, v, d = centered_moments(x, axes, cdt, xp=xp)
+        return mu, inv_std(v, eps, xp=xp), d
+    return mean, inv_std(var, eps, xp=xp), None
+
+
 def moments(x: Array, axes: tuple[int, ...], cdt: Any, *, xp: Any) -> tuple[Array, Array]:
     """Mean and biased variance over ``axes`` (keepdims) in ``cdt``, two-pass."""
     mean, var, _ = centered_moments(x, axes, cdt, xp=xp)
