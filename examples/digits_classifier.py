@@ -29,139 +29,28 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 import anynorm
 
-BACKENDS = ("numpy", "torch", "jax", "cupy", "dask", "array_api_strict")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared _common.py beside this file
+from _common import (
+    BACKENDS,
+    DEFAULT_OUT,
+    Dense,
+    ReLU,
+    get_backend,
+    load_data,
+    persist,
+    progress,
+    to_xp,
+)
+
 NORMS = ("batch", "layer", "group")
-DEFAULT_OUT = Path(__file__).resolve().parent / "out"
-
-
-# ---------------------------------------------------------------------------- backend
-def get_backend(name: str, device: str | None, dtype_name: str) -> tuple[Any, Any, Any]:
-    """The array namespace, device and float dtype for ``--backend/--device/--dtype``."""
-    if name == "numpy":
-        import array_api_compat.numpy as xp
-
-        dev = "cpu"
-    elif name == "torch":
-        import array_api_compat.torch as xp
-        import torch
-
-        dev = torch.device(device or "cpu")
-    elif name == "jax":
-        import jax
-
-        if dtype_name == "float64":
-            jax.config.update("jax_enable_x64", True)  # JAX is float32-only otherwise
-        import jax.numpy as xp
-
-        dev = jax.devices(device)[0] if device else jax.devices()[0]
-    elif name == "cupy":
-        import array_api_compat.cupy as xp
-        import cupy
-
-        dev = cupy.cuda.Device(int(device or 0))
-    elif name == "dask":
-        import array_api_compat.dask.array as xp
-
-        dev = "cpu"
-    elif name == "array_api_strict":
-        import array_api_strict as xp
-
-        dev = xp.Device(device) if device else xp.__array_namespace_info__().default_device()
-    else:
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
-    return xp, dev, getattr(xp, dtype_name)
-
-
-def to_xp(a: np.ndarray, xp: Any, dev: Any, dtype_name: str | None = None) -> Any:
-    """A NumPy array as an array of ``xp`` on ``dev`` (cast in NumPy first, so a device
-    without float64 never sees float64 data)."""
-    if dtype_name is not None:
-        a = a.astype(dtype_name)
-    return xp.asarray(a, device=dev)
-
-
-def persist(layers: list, *extra: Any) -> list:
-    """Dask only: compute the model state now and keep it in memory.
-
-    Dask builds a lazy graph; without this every SGD step would stack its graph on top of all
-    earlier ones, and each loss read-out would recompute the whole training history. Persisting
-    once per step keeps each step's graph small (it is still the slowest backend: dask pays a
-    graph build and a scheduler pass per step for arrays of a few kilobytes). The SGD velocity
-    of anynorm layers sits in the private ``_velocity`` dict; anynorm has no public hook for it.
-    """
-    import dask
-
-    slots = [
-        (store, key)
-        for layer in layers
-        for store in (layer.params, getattr(layer, "buffers", {}), layer._velocity)
-        for key in store
-    ]
-    values = dask.persist(*extra, *(store[key] for store, key in slots))
-    for (store, key), value in zip(slots, values[len(extra) :], strict=True):
-        store[key] = value
-    return list(values[: len(extra)])
 
 
 # ---------------------------------------------------------------------------- model
-class Dense:
-    """``y = x @ W + b`` with an explicit backward and anynorm's SGD rule in ``update``."""
-
-    def __init__(self, n_in: int, n_out: int, rng: np.random.Generator, xp, dev, dtype_name):
-        w = rng.standard_normal((n_in, n_out)) * math.sqrt(2.0 / n_in)  # He init
-        self.xp = xp
-        self.params = {
-            "weight": to_xp(w, xp, dev, dtype_name),
-            "bias": to_xp(np.zeros(n_out), xp, dev, dtype_name),
-        }
-        self.grads: dict = {}
-        self._velocity: dict = {}
-        self._x = None
-
-    def forward(self, x):
-        self._x = x
-        return self.xp.matmul(x, self.params["weight"]) + self.params["bias"]
-
-    def backward(self, g):
-        xp = self.xp
-        self.grads = {
-            "weight": xp.matmul(xp.matrix_transpose(self._x), g),  # dW = xᵀ g
-            "bias": xp.sum(g, axis=0),  # db = Σ_batch g
-        }
-        return xp.matmul(g, xp.matrix_transpose(self.params["weight"]))  # dx = g Wᵀ
-
-    def update(self, lr: float, momentum: float = 0.0, decay: float = 0.0) -> None:
-        """The rule of ``anynorm.Layer.update``: ``v = momentum·v − lr·(g + decay·θ)``,
-        ``θ = θ + v`` (no momentum on the first step), out of place."""
-        for name, theta in self.params.items():
-            g = self.grads[name]
-            if decay:
-                g = g + decay * theta
-            v = -lr * g
-            if momentum and name in self._velocity:
-                v = momentum * self._velocity[name] + v
-            self._velocity[name] = v
-            self.params[name] = theta + v
-
-
-class ReLU:
-    def __init__(self, xp):
-        self.xp = xp
-
-    def forward(self, x):
-        self._mask = x > 0
-        return self.xp.where(self._mask, x, self.xp.zeros_like(x))
-
-    def backward(self, g):
-        return self.xp.where(self._mask, g, self.xp.zeros_like(g))
-
-
 def softmax_cross_entropy(z, onehot, xp):
     """Mean cross-entropy of logits ``z`` against one-hot targets and its gradient
     ``(softmax(z) − onehot)/N`` (the max shift cancels in the gradient)."""
@@ -213,52 +102,6 @@ class MLP:
 
 
 # ---------------------------------------------------------------------------- helpers
-class TextBar:
-    """The fallback progress bar when tqdm is not installed: one stderr line, rewritten."""
-
-    def __init__(self, iterable, total: int, desc: str, disable: bool = False):
-        self.iterable, self.total, self.desc, self.disable = iterable, total, desc, disable
-        self.postfix = ""
-
-    def set_postfix_str(self, s: str) -> None:
-        self.postfix = s
-
-    def __iter__(self):
-        for i, item in enumerate(self.iterable, 1):
-            yield item
-            if not self.disable:
-                width = 30 * i // self.total
-                bar = "#" * width + "." * (30 - width)
-                print(
-                    f"\r{self.desc} [{bar}] {i}/{self.total} {self.postfix}",
-                    end="",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        if not self.disable:
-            print(file=sys.stderr)
-
-
-def progress(iterable, total: int, desc: str, disable: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return TextBar(iterable, total, desc, disable)
-    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False, unit="step")
-
-
-def load_data(seed: int):
-    """Digits 8×8 (1797 images) scaled to [0, 1], stratified 80/20 split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = digits.data.astype(np.float64) / 16.0
-    return train_test_split(
-        x, digits.target, test_size=0.2, random_state=seed, stratify=digits.target
-    )
-
-
 def accuracy(model: MLP, x, y, xp) -> float:
     model.train(False)
     pred = xp.argmax(model.forward(x), axis=1)
