@@ -43,9 +43,9 @@ def test_save_load_round_trip_every_layer(bk, rng, tmp_path, make):
     back = anynorm.load(path)  # NumPy by default
     assert type(back) is type(layer) and back.get_config() == layer.get_config()
     back.eval()
-    np.testing.assert_allclose(
-        back(np.asarray(bk.round(x))), expect, rtol=10 * bk.tol, atol=10 * bk.tol
-    )
+    # on NumPy float64 the only difference left is the case dtype's rounding of the output
+    got = back(np.asarray(bk.round(x)))
+    assert np.max(np.abs(got - expect)) <= bk.tol * np.max(np.abs(expect))
     there = anynorm.load(path, xp=bk.xp, device=bk.device)
     there.eval()
     y = there(bk.asarray(x))

@@ -29,7 +29,7 @@ from anynorm import _reference as ref
 from anynorm import functional as AF
 
 #: finite differences (Richardson, O(h⁴)) against the explicit backward, float64 only
-FD_TOL = 1e-8
+FD_TOL = 1e-10
 #: alpha large enough for the LRN window to matter (torch's default 1e-4 would hide it)
 LRN = {"alpha": 0.4, "beta": 0.75, "k": 1.2}
 EPS = 1e-5

@@ -22,6 +22,11 @@ LAYERS = {
 SHAPE = (4, 6, 5)
 
 
+def _param_tol(bk) -> float:
+    """Parameters are float64 or float32 (also for half inputs): tolerance of that dtype."""
+    return 1e-12 if bk.dtype_name == "float64" else 1e-6
+
+
 @pytest.fixture(params=list(LAYERS))
 def make(request):
     return LAYERS[request.param]
@@ -94,11 +99,11 @@ def test_update_sgd_with_momentum_and_decay(bk, rng):
     v1 = {k: -lr * (g[k] + decay * theta0[k]) for k in g}
     theta1 = {k: theta0[k] + v1[k] for k in g}
     for k in g:
-        bk.close(layer.params[k], theta1[k], what=k, tol=max(bk.tol, 1e-6))
+        bk.close(layer.params[k], theta1[k], what=k, tol=_param_tol(bk))
     layer.update(lr=lr, momentum=mom, decay=decay)  # same grads, momentum carries v1
     for k in g:
         v2 = mom * v1[k] - lr * (g[k] + decay * theta1[k])
-        bk.close(layer.params[k], theta1[k] + v2, what=k, tol=max(bk.tol, 1e-6))
+        bk.close(layer.params[k], theta1[k] + v2, what=k, tol=_param_tol(bk))
         bk.check(layer.params[k], (6,), bk.param_dtype, what=k)
     # arrays handed out by state_dict() before the update are untouched
     for k in g:
@@ -151,7 +156,7 @@ def test_other_namespace_is_a_type_error_and_to_moves_the_layer(bk, rng):
             assert int(bk.to_numpy(v)) == 1
             continue
         bk.check(v, (6,), bk.param_dtype, what=k)
-        bk.close(v, expect[k], what=k, tol=max(bk.tol, 1e-6))
+        bk.close(v, expect[k], what=k, tol=_param_tol(bk))
     for k, v in layer.grads.items():
         bk.check(v, (6,), bk.param_dtype, what=f"grad {k}")
     with pytest.raises(RuntimeError, match="before forward"):
