@@ -131,6 +131,12 @@ class Case:
         assert err <= limit, f"{what}: relative error {err:.3g} > {limit:.1g} ({self.id})"
         return err
 
+    def close_parts(self, parts: list, ref: np.ndarray, what: str = "output") -> float:
+        """Assert the arrays ``parts`` (per-rank slices along axis 0) joined match ``ref``."""
+        err = rel_err(np.concatenate([self.to_numpy(p) for p in parts], axis=0), ref)
+        assert err <= self.tol, f"{what}: relative error {err:.3g} > {self.tol:.1g} ({self.id})"
+        return err
+
 
 def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
     """max |got − ref| / max |ref| (0 for two empty arrays; inf on shape mismatch)."""
@@ -212,6 +218,13 @@ def pytest_addoption(parser):
         + ") or 'all' for every importable one; default $ANYNORM_BACKEND or "
         + ",".join(DEFAULT_BACKENDS),
     )
+    parser.addoption(
+        "--distributed",
+        action="store_true",
+        default=False,
+        help="also run the multi-process tests marked `distributed` (torch.distributed, "
+        "mpi4py); the tests-distributed nox session passes it",
+    )
 
 
 def pytest_configure(config):
@@ -277,6 +290,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         skip = item.get_closest_marker("skip")
         reason = "" if skip is None else str(skip.kwargs.get("reason", ""))
+        if item.get_closest_marker("distributed") and not config.getoption("--distributed"):
+            drop.append(item)  # multi-process: only in the tests-distributed session
+            continue
         (drop if reason.startswith("got empty parameter set") else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

@@ -1,7 +1,9 @@
 """nox sessions: `nox` runs lint and the tests on every CPU backend, each in its own venv.
 
 Each `tests-<backend>` session installs anynorm with that backend plus the test tools and
-torch (the float64 oracle), then runs `pytest --backend=<backend>`. Every session also works
+torch (the float64 oracle), then runs `pytest --backend=<backend>`; `tests-distributed` runs
+the multi-process synchronized batch norm tests (torch.distributed gloo, mpi4py/mpich). Every
+session also works
 with `nox --no-venv` in an environment that already has the packages (e.g. a GPU machine
 without network): installs are then skipped.
 """
@@ -19,6 +21,7 @@ nox.options.sessions = [
     "tests-torch",
     "tests-jax",
     "tests-dask",
+    "tests-distributed",
 ]
 nox.options.reuse_existing_virtualenvs = True
 
@@ -77,6 +80,24 @@ def tests_jax(session: nox.Session) -> None:
 @nox.session(name="tests-dask")
 def tests_dask(session: nox.Session) -> None:
     _pytest(session, "dask")
+
+
+@nox.session(name="tests-distributed")
+def tests_distributed(session: nox.Session) -> None:
+    """Synchronized batch norm over processes: torch.distributed (gloo, loopback) with 2 and
+    3 ranks, and mpi4py under the mpiexec of the `mpich` wheel."""
+    _install(session, "-e", ".[test,numpy,mpi]", TORCH, "mpich")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-m",
+        "distributed",
+        "--distributed",
+        "--backend=numpy",
+        "tests/test_distributed.py",
+        *session.posargs,
+    )
 
 
 def _cuda_visible() -> bool:

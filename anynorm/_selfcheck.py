@@ -719,7 +719,10 @@ class _Table:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m anynorm",
-        usage="python -m anynorm [-h] [--backend NAMES] [--quick]\n       python -m anynorm bench",
+        usage=(
+            "python -m anynorm [-h] [--backend NAMES] [--quick]\n"
+            "       python -m anynorm bench\n       python -m anynorm bench-sync"
+        ),
         description=(
             "anynorm self-check: forward and backward of every layer on every installed "
             "array backend, against float64 NumPy references, with the time per call. "
@@ -741,6 +744,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("bench", help="the benchmark suite (python -m anynorm bench --help)")
+    sub.add_parser(
+        "bench-sync",
+        help="synchronized batch norm over processes vs one process "
+        "(python -m anynorm bench-sync --help)",
+    )
     return parser
 
 
@@ -766,7 +774,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv : sequence of str, optional
         Command-line arguments (default ``sys.argv[1:]``): ``--backend numpy,torch`` limits
         the backends, ``--quick`` skips the timings; ``bench ...`` runs the benchmark suite
-        (:func:`anynorm._bench.main`) with the remaining arguments.
+        (:func:`anynorm._bench.main`) and ``bench-sync ...`` the synchronized batch norm
+        benchmark (:func:`anynorm._bench_sync.main`) with the remaining arguments.
 
     Returns
     -------
@@ -786,6 +795,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import _bench
 
         return _bench.main(argv[1:])
+    if argv[:1] == ["bench-sync"]:
+        from . import _bench_sync
+
+        return _bench_sync.main(argv[1:])
     parser = _parser()
     try:
         args = parser.parse_args(argv)

@@ -10,10 +10,12 @@ from ._moments import (
     _size,
     as_compute,
     batch_or_frozen,
+    inv_std,
     moments,
     standardize,
     standardize_backward,
 )
+from ._sync import SyncHook, check_sync, gradient_reducer, synced_moments
 
 Array = Any
 
@@ -51,11 +53,12 @@ def check_enough_values(func: str, x: Array, red: tuple[int, ...]) -> None:
         )
 
 
-def _prepare(func, x, weight, bias, mean, var, axis, eps, dy=None):
+def _prepare(func, x, weight, bias, mean, var, axis, eps, dy=None, sync=None):
     xp = V.namespace(func, x=x, weight=weight, bias=bias, mean=mean, var=var, dy=dy)
     V.check_floating(func, "x", x, xp)
     V.check_known_shape(func, "x", x)
     eps = V.check_eps(func, eps)
+    check_sync(func, sync)
     feat, red, fshape = feature_layout(func, x, axis)
     for name, arr in (("weight", weight), ("bias", bias), ("mean", mean), ("var", var)):
         V.check_param(func, name, arr, fshape, xp)
@@ -63,7 +66,7 @@ def _prepare(func, x, weight, bias, mean, var, axis, eps, dy=None):
         raise ValueError(
             f"{func}: pass both `mean` and `var` (frozen statistics) or neither (batch statistics)."
         )
-    if mean is None:
+    if mean is None and sync is None:  # with `sync` the global batch counts (see _sync)
         V.check_values_per_stat(
             func,
             x,
@@ -84,6 +87,16 @@ def _prepare(func, x, weight, bias, mean, var, axis, eps, dy=None):
     return xp, eps, red, fshape, cdt, shaped
 
 
+def _statistics(func, x, red, cdt, eps, mean, var, sync, xp):
+    """``(mean, istd, centred, count)``: batch statistics (over every process with ``sync``)
+    or the frozen ones; ``count`` is None unless synchronized."""
+    if mean is None and sync is not None:
+        mu, v, d, count = synced_moments(func, x, red, cdt, sync, xp=xp)
+        return mu, inv_std(v, eps, xp=xp), d, count
+    mu, istd, d = batch_or_frozen(x, red, cdt, eps, mean, var, xp=xp)
+    return mu, istd, d, None
+
+
 def batch_norm(
     x: Array,
     weight: Array | None = None,
@@ -93,6 +106,7 @@ def batch_norm(
     eps: float = 1e-5,
     mean: Array | None = None,
     var: Array | None = None,
+    sync: SyncHook | None = None,
 ) -> Array:
     r"""Batch normalization ``y = weight·(x − μ)/sqrt(σ² + eps) + bias``.
 
@@ -113,6 +127,13 @@ def batch_norm(
         Added to the variance.
     mean, var : array, optional
         Frozen per-feature statistics; both or neither.
+    sync : callable, optional
+        Synchronized batch norm: a hook that sums a 1-D array over processes (e.g.
+        :func:`anynorm.distributed.all_reduce_torch`). Batch statistics are then those of
+        the union of every process's ``x`` (exact two-pass, two all-reduces of ``C + 1`` and
+        ``C`` values). Every process must call with the same arguments and feature shape;
+        a process may hold an empty or one-sample batch, but the global batch needs at least
+        2 values per feature (not checked: it would need a host sync).
 
     Returns
     -------
@@ -126,8 +147,8 @@ def batch_norm(
         If batch statistics are requested with one value per feature.
     """
     func = "anynorm.functional.batch_norm"
-    xp, eps, red, _, cdt, shaped = _prepare(func, x, weight, bias, mean, var, axis, eps)
-    mu, istd, d = batch_or_frozen(x, red, cdt, eps, shaped(mean), shaped(var), xp=xp)
+    xp, eps, red, _, cdt, shaped = _prepare(func, x, weight, bias, mean, var, axis, eps, sync=sync)
+    mu, istd, d, _ = _statistics(func, x, red, cdt, eps, shaped(mean), shaped(var), sync, xp)
     return standardize(x, mu, istd, shaped(weight), shaped(bias), red, xp=xp, centered=d)
 
 
@@ -140,6 +161,7 @@ def batch_norm_backward(
     eps: float = 1e-5,
     mean: Array | None = None,
     var: Array | None = None,
+    sync: SyncHook | None = None,
 ) -> tuple[Array, Array, Array]:
     r"""Gradients of :func:`batch_norm` for upstream gradient ``dy``.
 
@@ -151,6 +173,11 @@ def batch_norm_backward(
     With frozen statistics: ``dx = weight·istd·dy``. In both cases
     ``dweight = Σ dy·x̂`` and ``dbias = Σ dy`` over the non-feature axes.
 
+    With ``sync`` (see :func:`batch_norm`) the sums and ``M`` are over every process (one
+    more all-reduce of ``2C`` values): ``dx`` is this process's slice of the full-batch input
+    gradient, and ``dweight``/``dbias`` are the full-batch parameter gradients, identical on
+    every process (do not all-reduce them again).
+
     Returns
     -------
     (dx, dweight, dbias)
@@ -158,21 +185,42 @@ def batch_norm_backward(
         dtype (float32 for float16/bfloat16 input).
     """
     func = "anynorm.functional.batch_norm_backward"
-    xp, eps, red, fshape, cdt, shaped = _prepare(func, x, weight, None, mean, var, axis, eps, dy=dy)
-    mu, istd, _ = batch_or_frozen(x, red, cdt, eps, shaped(mean), shaped(var), xp=xp)
+    xp, eps, red, fshape, cdt, shaped = _prepare(
+        func, x, weight, None, mean, var, axis, eps, dy=dy, sync=sync
+    )
+    mu, istd, _, count = _statistics(func, x, red, cdt, eps, shaped(mean), shaped(var), sync, xp)
+    reduce = None if sync is None else gradient_reducer(func, sync, xp=xp)
     dx, dw, db = standardize_backward(
-        dy, x, mu, istd, shaped(weight), red, red, frozen=mean is not None, xp=xp
+        dy,
+        x,
+        mu,
+        istd,
+        shaped(weight),
+        red,
+        red,
+        frozen=mean is not None,
+        xp=xp,
+        reduce=reduce,
+        count=count,
     )
     return dx, xp.reshape(dw, fshape), xp.reshape(db, fshape)
 
 
-def batch_norm_stats(x: Array, *, axis: Any = 1) -> tuple[Array, Array]:
-    """Per-feature batch mean and biased variance (two-pass, compute dtype), feature-shaped."""
+def batch_norm_stats(
+    x: Array, *, axis: Any = 1, sync: SyncHook | None = None
+) -> tuple[Array, Array]:
+    """Per-feature batch mean and biased variance (two-pass, compute dtype), feature-shaped;
+    over every process with ``sync`` (see :func:`batch_norm`)."""
     func = "anynorm.functional.batch_norm_stats"
     xp = V.namespace(func, x=x)
     V.check_floating(func, "x", x, xp)
+    check_sync(func, sync)
     _, red, fshape = feature_layout(func, x, axis)
-    mu, var = moments(x, red, compute_dtype(xp, x.dtype), xp=xp)
+    cdt = compute_dtype(xp, x.dtype)
+    if sync is None:
+        mu, var = moments(x, red, cdt, xp=xp)
+    else:
+        mu, var, _, _ = synced_moments(func, x, red, cdt, sync, xp=xp)
     return xp.reshape(mu, fshape), xp.reshape(var, fshape)
 
 
@@ -181,7 +229,7 @@ def update_running_stats(
     running_var: Array,
     mean: Array,
     var: Array,
-    count: int,
+    count: int | Array,
     momentum: float | Array,
     *,
     xp: Any,
@@ -189,8 +237,12 @@ def update_running_stats(
     """PyTorch's running-statistics update, out of place:
 
     ``running = (1 − momentum)·running + momentum·batch``, where the variance uses the
-    unbiased batch variance ``var·count/(count − 1)`` (``count`` values per feature)."""
-    unbiased = var * (count / (count - 1)) if count > 1 else var
+    unbiased batch variance ``var·count/(count − 1)`` (``count`` values per feature; an
+    array for synchronized batch norm, where it is the global count)."""
+    if isinstance(count, int):
+        unbiased = var * (count / (count - 1)) if count > 1 else var
+    else:
+        unbiased = var * (count / (count - 1))
     mean = as_compute(mean, running_mean.dtype, xp=xp)
     unbiased = as_compute(unbiased, running_var.dtype, xp=xp)
     new_mean = (1 - momentum) * running_mean + momentum * mean

@@ -188,6 +188,8 @@ def standardize_backward(
     *,
     frozen: bool = False,
     xp: Any,
+    reduce: Any = None,
+    count: Any = None,
 ) -> tuple[Array, Array | None, Array | None]:
     """Gradients of :func:`standardize` (statistics from ``x`` unless ``frozen``).
 
@@ -195,19 +197,27 @@ def standardize_backward(
     with keepdims (``None`` when ``param_axes`` is None). ``dx`` has ``x.dtype``.
 
     ``mean=None`` is the uncentred (RMS) form: ``x̂ = x·istd`` and the ``Σ_R dx̂`` term, which
-    comes from differentiating the mean, is absent."""
+    comes from differentiating the mean, is absent.
+
+    ``reduce`` (synchronized batch norm) sums the two per-group sums over processes
+    (``reduce([A, Σg·x]) -> [A, Σg·x]``) and ``count`` is then the global number of values
+    per group (an array); both need the per-group form (weight constant over ``axes``)."""
     cdt = istd.dtype
     g = as_compute(dy, cdt, xp=xp)
     xc = as_compute(x, cdt, xp=xp)
-    m_count = _size(x, axes)
+    m_count = _size(x, axes) if count is None else count
     dweight = dbias = None
     per_group = _constant_over(weight, axes) and (
         param_axes is None or set(axes) <= set(param_axes)
     )
+    if reduce is not None and not per_group:
+        raise RuntimeError("standardize_backward: `reduce` needs per-group parameters")
     if per_group:
         # Everything follows from two per-group sums: A = Σ_R g, C = Σ_R g·x̂.
         a_sum = _sum(g, axes, xp=xp)
         gx = sum_prod(g, xc, axes, xp=xp)
+        if reduce is not None and (param_axes is not None or not frozen):
+            a_sum, gx = reduce([a_sum, gx])
         c_sum = istd * (gx if mean is None else gx - mean * a_sum)
         k = istd if weight is None else istd * weight
         if frozen:

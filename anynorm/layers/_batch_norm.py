@@ -20,6 +20,7 @@ from ..functional._moments import (
     standardize,
     standardize_backward,
 )
+from ..functional._sync import SyncHook, check_sync, gradient_reducer, synced_moments
 from ._base import Layer
 
 Array = Any
@@ -43,11 +44,11 @@ class _RunningStatsMixin:
         # cumulative moving average: weight 1/n for the n-th batch (no host sync)
         return 1.0 / xp.astype(nbt, self.buffers["running_mean"].dtype)
 
-    def _track(self, xp: Any, mean: Array, var: Array, count: int, fshape: tuple) -> None:
+    def _track(self, xp: Any, mean: Array, var: Array, count: Any, fshape: tuple) -> None:
         with no_autodiff(xp):  # running statistics are state, not part of any graph
             self._track_now(xp, mean, var, count, fshape)
 
-    def _track_now(self, xp: Any, mean: Array, var: Array, count: int, fshape: tuple) -> None:
+    def _track_now(self, xp: Any, mean: Array, var: Array, count: Any, fshape: tuple) -> None:
         momentum = self._momentum_now(xp)
         self.buffers["running_mean"], self.buffers["running_var"] = update_running_stats(
             self.buffers["running_mean"],
@@ -86,6 +87,17 @@ class BatchNorm(_RunningStatsMixin, Layer):
     track_running_stats : bool, default True
         Keep ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``
         and use them in evaluation mode; without them batch statistics are used in both modes.
+    sync : callable, optional
+        Synchronized batch norm (data parallel over processes): a hook that sums a 1-D array
+        over all processes, e.g. :func:`anynorm.distributed.all_reduce_torch` (torch.distributed,
+        any backend) or :func:`anynorm.distributed.all_reduce_mpi` (mpi4py). Batch statistics
+        are then those of the union of every process's batch (exact two-pass); the backward
+        gives each process its slice of the full-batch input gradient and the full-batch
+        ``weight``/``bias`` gradients (identical on every process: do not all-reduce them
+        again); running statistics agree on every process. Per step and layer the hook sums
+        ``C + 1`` and ``C`` values in forward and ``2C`` in backward (``C`` features). Every
+        process must run the same layers in the same mode and order. The hook is not saved
+        with the layer: set ``layer.sync`` again after :func:`anynorm.load`.
     xp, device, dtype
         Create the arrays at construction (needs ``num_features``); see :class:`Layer`.
 
@@ -110,6 +122,7 @@ class BatchNorm(_RunningStatsMixin, Layer):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
+        sync: SyncHook | None = None,
         xp: Any = None,
         device: Any = None,
         dtype: Any = None,
@@ -129,7 +142,17 @@ class BatchNorm(_RunningStatsMixin, Layer):
         self.momentum = V.check_momentum(func, momentum)
         self.affine = V.check_bool(func, "affine", affine)
         self.track_running_stats = V.check_bool(func, "track_running_stats", track_running_stats)
+        self.sync = sync
         self._maybe_materialize_early()
+
+    @property
+    def sync(self) -> SyncHook | None:
+        """The all-reduce hook of synchronized batch norm (None: this process only)."""
+        return self._sync
+
+    @sync.setter
+    def sync(self, hook: SyncHook | None) -> None:
+        self._sync = check_sync(f"anynorm.{type(self).__name__}", hook)
 
     @property
     def num_features(self) -> int | tuple[int, ...] | None:
@@ -187,8 +210,12 @@ class BatchNorm(_RunningStatsMixin, Layer):
 
         weight, bias = shaped("weight", self.params), shaped("bias", self.params)
         batch = self._uses_batch_stats()
-        centered = None
-        if batch:
+        centered = count = None
+        if batch and self.sync is not None:  # statistics of every process's batch
+            mean, var, centered, count = synced_moments(func, x, red, cdt, self.sync, xp=xp)
+            if self.training and self.track_running_stats:
+                self._track(xp, mean, var, count, fshape)
+        elif batch:
             V.check_values_per_stat(
                 func,
                 x,
@@ -206,12 +233,23 @@ class BatchNorm(_RunningStatsMixin, Layer):
             mean, var = shaped("running_mean", self.buffers), shaped("running_var", self.buffers)
         istd = inv_std(var, self.eps, xp=xp)
         y = standardize(x, mean, istd, weight, bias, red, xp=xp, centered=centered)
-        return y, (x, mean, istd, weight, red, not batch, fshape)
+        return y, (x, mean, istd, weight, red, not batch, fshape, count, self.sync)
 
     def _backward(self, dy: Array, cache: Any, xp: Any):
-        x, mean, istd, weight, red, frozen, fshape = cache
+        x, mean, istd, weight, red, frozen, fshape, count, sync = cache
+        reduce = None if sync is None else gradient_reducer(self._f("backward"), sync, xp=xp)
         dx, dw, db = standardize_backward(
-            dy, x, mean, istd, weight, red, red if self.affine else None, frozen=frozen, xp=xp
+            dy,
+            x,
+            mean,
+            istd,
+            weight,
+            red,
+            red if self.affine else None,
+            frozen=frozen,
+            xp=xp,
+            reduce=reduce,
+            count=count,
         )
         grads = {}
         if self.affine:
