@@ -4,7 +4,7 @@ Forward pass, backward pass and parameter update are written once against the Py
 API standard and run on NumPy, CuPy, PyTorch, JAX, Dask and array-api-strict arrays.
 """
 
-from . import functional
+from . import distributed, functional
 from .layers import (
     BatchNorm,
     GroupNorm,
@@ -17,6 +17,7 @@ from .layers import (
     LpNorm,
     RMSNorm,
     load,
+    persist,
 )
 
 __version__ = "0.1.0"
@@ -33,6 +34,8 @@ __all__ = [
     "LpNorm",
     "RMSNorm",
     "__version__",
+    "distributed",
     "functional",
     "load",
+    "persist",
 ]

@@ -197,3 +197,34 @@ def convert(x: Array, xp: Namespace, dev: Any = None, dtype: Any = None) -> Arra
 def compat_version() -> str:
     """The installed array-api-compat version (for the self-check's header)."""
     return array_api_compat.__version__
+
+
+def is_lazy(value: Any) -> bool:
+    """A Dask array (asked through the namespace, so no dask import for other arrays)."""
+    return namespace_name(array_namespace(value)) == "dask"
+
+
+def persist_dask(state: list, extras: list, kwargs: dict) -> tuple[list, list]:
+    """Dask only (the array API standard has no notion of lazy evaluation). One graph
+    execution computes ``state`` and ``extras``.
+
+    ``state`` (layer arrays) comes back computed and re-wrapped as in-memory dask arrays of
+    the same chunks: one task per chunk and no history. A bare ``dask.persist`` is not
+    enough on a distributed cluster: the scheduler keeps the lineage of every persisted key,
+    with the data embedded in it (e.g. every ``da.from_array`` batch), so that it could
+    recompute them (dask/distributed#809, dask/dask#4630). ``extras`` come back as
+    ``dask.persist`` returns them (futures on a cluster, lineage kept)."""
+    import dask
+    import dask.array as da
+
+    if extras:
+        done = dask.persist(*state, *extras, **kwargs)
+        values = dask.compute(*done[: len(state)], **kwargs) if state else ()
+        extras = list(done[len(state) :])
+    else:
+        values = dask.compute(*state, **kwargs)
+    fresh = [
+        da.from_array(v, chunks=a.chunks, name=False, asarray=False)
+        for v, a in zip(values, state, strict=True)
+    ]
+    return fresh, extras

@@ -304,6 +304,7 @@ def check_grad_like(func: str, dy: Array, x: Array, xp: Any) -> None:
     """Functional backward passes: ``dy`` must be a real floating array with exactly the dtype
     (TypeError, as in ``Layer.backward``) and the shape (ValueError) of ``x``. Namespace and
     device are checked with the other arrays by :func:`namespace`."""
+    check_known_shape(func, "dy", dy)
     check_floating(func, "dy", dy, xp)
     if dy.dtype != x.dtype:
         raise TypeError(

@@ -33,7 +33,9 @@ def test_version_and_public_api():
         "L1Norm",
         "L2Norm",
         "load",
+        "persist",
         "functional",
+        "distributed",
     ):
         assert name in anynorm.__all__ and hasattr(anynorm, name)
     for name in anynorm.functional.__all__:

@@ -214,6 +214,7 @@ def batch_norm_stats(
     func = "anynorm.functional.batch_norm_stats"
     xp = V.namespace(func, x=x)
     V.check_floating(func, "x", x, xp)
+    V.check_known_shape(func, "x", x)
     check_sync(func, sync)
     _, red, fshape = feature_layout(func, x, axis)
     cdt = compute_dtype(xp, x.dtype)

@@ -1,6 +1,6 @@
 """Stateful layers over :mod:`anynorm.functional`."""
 
-from ._base import Layer, LoadResult, load
+from ._base import Layer, LoadResult, load, persist
 from ._batch_norm import BatchNorm
 from ._family import GroupNorm, InstanceNorm, LayerNorm, LocalResponseNorm, RMSNorm
 from ._lp import L1Norm, L2Norm, LpNorm
@@ -18,4 +18,5 @@ __all__ = [
     "LpNorm",
     "RMSNorm",
     "load",
+    "persist",
 ]

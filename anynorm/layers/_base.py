@@ -3,7 +3,8 @@
 A layer is a thin stateful wrapper over a pure function of ``anynorm.functional``: it owns
 ``params`` (trainable), ``grads`` (keyed like ``params``), ``buffers`` (non-trainable state),
 the ``training`` flag, the cache of the last forward, an SGD ``update``, ``state_dict`` /
-``load_state_dict``, ``to()`` and ``save()``. The math never lives here.
+``load_state_dict``, ``to()``, ``save()`` and ``persist()`` (Dask: collapse the lazy state's
+task graph). The math never lives here.
 """
 
 from __future__ import annotations
@@ -204,6 +205,8 @@ class Layer:
                 f"{func}: backward() was called before forward(); run y = layer.forward(x) "
                 "first (and again after layer.to(...) or load_state_dict)."
             )
+        V.check_array(func, "dy", dy)
+        V.check_known_shape(func, "dy", dy)
         V.check_grad(func, dy, self._out)
         xp = self._out["xp"]
         with _compat.no_autodiff(xp):
@@ -232,7 +235,11 @@ class Layer:
 
         ``v = momentum·v − lr·(g + decay·θ)``, ``θ = θ + v`` (out of place: arrays
         previously returned by ``state_dict`` are not changed). A no-op for layers without
-        parameters; a RuntimeError when the layer has parameters but no gradients yet."""
+        parameters; a RuntimeError when the layer has parameters but no gradients yet.
+
+        On Dask the new parameters are lazy: each step adds its graph to the previous ones.
+        Call :meth:`persist` (or :func:`anynorm.persist` for several layers) every ``k``
+        steps, e.g. after ``update()``."""
         func = self._f("update")
         V.check_number(func, "lr", lr, low=0.0)
         V.check_number(func, "momentum", momentum, low=0.0)
@@ -393,6 +400,61 @@ class Layer:
         self._out = None
         return self
 
+    def persist(self, **kwargs: Any) -> Layer:
+        """Compute the layer's lazy (Dask) state now and keep it in memory; returns the layer.
+
+        On Dask, ``forward``/``backward``/``update`` only build a task graph, and every
+        training step stacks its graph on top of the previous ones: without ``persist`` the
+        running statistics and the parameters keep the graph of every past batch (and, for
+        data loaded with ``da.from_array``, the batches themselves). **On Dask, call
+        ``persist`` every k steps (e.g. after ``update()``)**. Each call computes
+        ``params``, ``buffers``, ``grads`` and the SGD velocity in one graph execution and
+        replaces them by in-memory dask arrays of the same chunks: one task per chunk, no
+        history (also on a ``dask.distributed`` cluster, where a bare ``dask.persist`` keeps
+        the history of every persisted key on the scheduler). Use :func:`anynorm.persist` to
+        persist several layers (and e.g. the loss) in one call, so that work they share,
+        such as the input batch, is computed once.
+
+        For eager namespaces (NumPy, PyTorch, JAX, CuPy, array-api-strict) and for a layer
+        without arrays yet this is a no-op that does not import dask.
+
+        Parameters
+        ----------
+        **kwargs
+            Passed to ``dask.compute`` (e.g. ``scheduler="threads"``); ignored when nothing
+            is lazy.
+
+        Returns
+        -------
+        Layer
+            ``self``; its arrays are replaced by their persisted versions (equal values).
+
+        Notes
+        -----
+        The call returns when the state is computed (on a cluster too). The cache of the
+        last forward (what ``backward`` needs: the input and its statistics) is neither
+        persisted nor dropped: ``backward`` after ``persist`` still works, and the next
+        forward replaces it. Persisting it would compute and pin the whole input batch in
+        memory. Until then it refers to the parameters as they were at that forward, so
+        with ``persist`` every k steps at most the last k batches stay referenced.
+
+        Examples
+        --------
+        >>> import numpy as np, dask.array as da, anynorm
+        >>> layer = anynorm.BatchNorm(3)
+        >>> for step in range(20):
+        ...     x = da.from_array(np.random.default_rng(step).normal(size=(8, 3)), chunks=4)
+        ...     y = layer.forward(x)
+        ...     dx = layer.backward(y - 1.0)
+        ...     layer.update(lr=0.1)
+        ...     if step % 5 == 4:
+        ...         _ = layer.persist()
+        >>> len(layer.buffers["running_mean"].__dask_graph__())
+        1
+        """
+        persist(self, **kwargs)
+        return self
+
     # ------------------------------------------------------------------ files
     def get_config(self) -> dict:
         """The constructor arguments, as stored in checkpoints."""
@@ -447,6 +509,107 @@ def _is_number(value: Any) -> bool:
     import numbers
 
     return isinstance(value, numbers.Number) and not isinstance(value, bool)
+
+
+def persist(*objects: Any, **kwargs: Any) -> tuple:
+    """Compute the lazy (Dask) state of several layers, and arrays, in one graph execution.
+
+    The module-level form of :meth:`Layer.persist`. **On Dask, call persist every k steps
+    (e.g. after update()); without it the running statistics and parameters keep the graph
+    of every past batch.** One call over all layers of a model (and the loss, if you read
+    it) computes work they share once: the input batch feeds both a layer's running
+    statistics and the next layer's gradients, and is loaded and reduced a single time.
+
+    Each layer's ``params``, ``buffers``, ``grads`` and SGD velocity are computed and
+    replaced by in-memory dask arrays with the same chunks (one task per chunk, no history:
+    their values are brought to the client, which for normalization layers is
+    feature-sized). On a ``dask.distributed`` cluster a bare ``dask.persist`` would not bound
+    the memory: the scheduler keeps the history of every persisted key, including the data
+    of every past batch loaded with ``da.from_array`` (dask/distributed#809).
+
+    Parameters
+    ----------
+    *objects : Layer or array
+        Layers (updated in place) and arrays (persisted with ``dask.persist`` semantics and
+        returned: on a cluster, futures computed in the background, whose history the
+        scheduler keeps while they are alive, so read e.g. a loss with ``float(loss)`` and
+        drop it rather than keeping every step's). Arrays and layers of eager namespaces
+        (NumPy, PyTorch, JAX, CuPy, array-api-strict) are left as they are, and dask is not
+        imported for them.
+    **kwargs
+        Passed to ``dask.persist``/``dask.compute`` (e.g. ``scheduler="threads"``);
+        ignored when nothing is lazy.
+
+    Returns
+    -------
+    tuple
+        One entry per argument: each layer itself (updated in place), each array persisted.
+
+    Raises
+    ------
+    TypeError
+        If an argument is neither an anynorm ``Layer`` nor an array (e.g. a list of layers:
+        unpack it, ``anynorm.persist(*layers)``).
+
+    Notes
+    -----
+    The call returns when the layers' state is computed (on a cluster too). Neither the
+    layers' values nor their forward caches change: a ``backward`` after ``persist`` gives
+    what it would have given before. See :meth:`Layer.persist`.
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da, anynorm
+    >>> norm, head = anynorm.BatchNorm(4), anynorm.LayerNorm(4)
+    >>> x = da.from_array(np.random.default_rng(0).normal(size=(16, 4)), chunks=(5, 2))
+    >>> y = head.forward(norm.forward(x))
+    >>> dx = norm.backward(head.backward(y))
+    >>> norm.update(lr=0.1); head.update(lr=0.1)
+    >>> _, _, y = anynorm.persist(norm, head, y)
+    >>> len(head.params["weight"].__dask_graph__()) == head.params["weight"].npartitions
+    True
+    """
+    func = "anynorm.persist"
+    for i, obj in enumerate(objects):
+        if isinstance(obj, Layer) or _compat.is_array(obj):
+            continue
+        if isinstance(obj, (list, tuple)) and all(isinstance(o, Layer) for o in obj):
+            fix = "unpack the sequence: anynorm.persist(*layers)."
+        elif isinstance(obj, type) and issubclass(obj, Layer):
+            fix = "pass a layer instance, not the class."
+        else:
+            fix = (
+                "pass anynorm layers and arrays only (persist other Dask collections with "
+                "dask.persist)."
+            )
+        raise TypeError(
+            f"{func}: argument {i} (`objects[{i}]`) must be an anynorm Layer or an array; "
+            f"received {V._describe(obj)}. Fix: {fix}"
+        )
+    slots: list = []  # (store, key) of every lazy layer array
+    extra_at: list[int] = []  # positions of lazy array arguments
+    seen: set[int] = set()
+    for i, obj in enumerate(objects):
+        if not isinstance(obj, Layer):
+            if _compat.is_lazy(obj):
+                extra_at.append(i)
+            continue
+        for store in (obj.params, obj.buffers, obj.grads, obj._velocity):
+            if id(store) in seen:  # the same layer given twice
+                continue
+            seen.add(id(store))
+            slots.extend((store, k) for k, v in store.items() if _compat.is_lazy(v))
+    out = list(objects)
+    if not slots and not extra_at:
+        return tuple(out)
+    state, extras = _compat.persist_dask(
+        [store[k] for store, k in slots], [objects[i] for i in extra_at], kwargs
+    )
+    for (store, k), value in zip(slots, state, strict=True):
+        store[k] = value
+    for i, value in zip(extra_at, extras, strict=True):
+        out[i] = value
+    return tuple(out)
 
 
 def _read_npz(func: str, path: str, fh: Any) -> dict:
