@@ -1,6 +1,6 @@
-"""What the two examples share: backend selection, NumPy ↔ backend conversion, the Dask
-persist step, a dense layer and a ReLU with explicit backward passes, the progress bar and
-the digits data. Each example imports it from its own folder.
+"""What the two examples share: backend selection, NumPy ↔ backend conversion, a dense
+layer and a ReLU with explicit backward passes, the progress bar and the digits data. Each
+example imports it from its own folder.
 """
 
 from __future__ import annotations
@@ -77,29 +77,6 @@ def to_numpy(a: Any, backend: str) -> np.ndarray:
 
         return np.from_dlpack(a.to_device(xp.Device("CPU_DEVICE")))
     return np.asarray(a)  # numpy, jax
-
-
-def persist(layers: list, *extra: Any) -> list:
-    """Dask only: compute the model state now and keep it in memory.
-
-    Dask builds a lazy graph; without this every SGD step would stack its graph on top of all
-    earlier ones, and each loss read-out would recompute the whole training history. Persisting
-    once per step keeps each step's graph small (it is still the slowest backend: dask pays a
-    graph build and a scheduler pass per step for arrays of a few kilobytes). The SGD velocity
-    of anynorm layers sits in the private ``_velocity`` dict; anynorm has no public hook for it.
-    """
-    import dask
-
-    slots = [
-        (store, key)
-        for layer in layers
-        for store in (layer.params, getattr(layer, "buffers", {}), layer._velocity)
-        for key in store
-    ]
-    values = dask.persist(*extra, *(store[key] for store, key in slots))
-    for (store, key), value in zip(slots, values[len(extra) :], strict=True):
-        store[key] = value
-    return list(values[: len(extra)])
 
 
 # ---------------------------------------------------------------------------- layers

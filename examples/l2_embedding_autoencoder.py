@@ -45,7 +45,6 @@ from _common import (
     ReLU,
     get_backend,
     load_data,
-    persist,
     progress,
     to_numpy,
     to_xp,
@@ -194,8 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
             loss, dy = mse(model.decode(model.encode(xb)), xb, xp)
             model.backward(dy)
             model.update(args.lr, args.momentum, args.decay)
-            if args.backend == "dask":
-                (loss,) = persist(model.dense, loss)
+            *_, loss = anynorm.persist(*model.dense, loss)  # Dask: bound the graph
             epoch_losses.append(float(loss))
             bar.set_postfix_str(f"mse {epoch_losses[-1]:.4f}")
         result["losses"] += epoch_losses
