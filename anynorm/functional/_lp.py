@@ -7,7 +7,7 @@ from typing import Any
 
 from .. import _validation as V
 from .._compat import compute_dtype
-from ._moments import as_compute
+from ._moments import _imul, _isub, as_compute
 
 Array = Any
 
@@ -34,13 +34,29 @@ def _prepare(func: str, x: Array, p: Any, axis: Any, eps: Any, dy: Array | None 
     return xp, p, axes, eps
 
 
+def _dot(a: Array, b: Array, axes: tuple[int, ...], *, xp: Any) -> Array:
+    """``Σ_axes a·b`` with keepdims. Trailing axes go through the linalg extension's
+    ``vecdot`` (one read of each operand, no product temporary); ``linalg.vecdot`` rather
+    than the top-level one, which array-api-compat implements on torch as a batched matmul,
+    several times slower than ``torch.linalg.vecdot`` on long rows."""
+    nd = a.ndim
+    linalg = getattr(xp, "linalg", None)
+    trailing = bool(axes) and axes == tuple(range(nd - len(axes), nd))
+    if not trailing or a.shape != b.shape or not hasattr(linalg, "vecdot"):
+        return xp.sum(a * b, axis=axes, keepdims=True)
+    lead = tuple(int(s) for s in a.shape[: nd - len(axes)])
+    flat = (*lead, math.prod([int(a.shape[i]) for i in axes]))
+    r = linalg.vecdot(xp.reshape(a, flat), xp.reshape(b, flat), axis=-1)
+    return xp.reshape(r, (*lead, *([1] * len(axes))))
+
+
 def lp_norm(x: Array, p: float, axes: tuple[int, ...], *, xp: Any) -> Array:
     """‖x‖_p over ``axes`` (keepdims) in the compute dtype; overflow-safe for general p."""
     xc = as_compute(x, compute_dtype(xp, x.dtype), xp=xp)
-    if math.prod(int(s) for s in x.shape) == 0:  # empty: norms are 0, max() would fail
+    if math.prod([int(s) for s in x.shape]) == 0:  # empty: norms are 0, max() would fail
         return xp.sum(xp.abs(xc), axis=axes, keepdims=True)
     if p == 2.0:
-        return xp.sqrt(xp.sum(xc * xc, axis=axes, keepdims=True))
+        return xp.sqrt(_dot(xc, xc, axes, xp=xp))
     if p == 1.0:
         return xp.sum(xp.abs(xc), axis=axes, keepdims=True)
     a = xp.abs(xc)
@@ -67,25 +83,30 @@ def lp_backward(
     """``dx`` for ``y = x / max(N, eps)``, ``N = ‖x‖_p``:
 
     ``dx = g/N' − [N > eps] · sign(x)·(|x|/N)^(p−1) · Σ(g·x)/N'²`` with ``N' = max(N, eps)``;
-    for ``p = inf`` the subgradient of ``max|x|`` is shared equally among tied maxima."""
+    for ``p = inf`` the subgradient of ``max|x|`` is shared equally among tied maxima.
+
+    Memory: at most two full-size arrays at a time (``dx`` and one temporary, both fresh and
+    updated in place where the namespace allows)."""
     cdt = norm.dtype
     g = as_compute(dy, cdt, xp=xp)
     xc = as_compute(x, cdt, xp=xp)
     inv = 1.0 / xp.clip(norm, min=eps)
-    dot = xp.sum(g * xc, axis=axes, keepdims=True)
+    dot = _dot(g, xc, axes, xp=xp)
     coef = xp.where(norm > eps, dot * inv * inv, xp.zeros_like(dot))
     if p == 2.0:
-        dx = (g - xc * coef) * inv
-    elif p == 1.0:
-        dx = g * inv - xp.sign(xc) * coef
+        # (g − x·coef)·inv
+        return as_compute(_isub(g * inv, xc * (coef * inv)), x.dtype, xp=xp)
+    # dx = g·inv − sign(x)·term
+    if p == 1.0:
+        term = coef
     elif math.isinf(p):
-        hit = xp.astype(xp.abs(xc) == norm, cdt)
-        count = xp.clip(xp.sum(hit, axis=axes, keepdims=True), min=1.0)
-        dx = g * inv - xp.sign(xc) * hit * (coef / count)
+        term = xp.astype(xp.abs(xc) == norm, cdt)  # the tied maxima
+        term = _imul(term, coef / xp.clip(xp.sum(term, axis=axes, keepdims=True), min=1.0))
     else:
         safe = xp.where(norm > 0, norm, xp.ones_like(norm))
-        dx = g * inv - xp.sign(xc) * (xp.abs(xc) / safe) ** (p - 1.0) * coef
-    return as_compute(dx, x.dtype, xp=xp)
+        term = _imul((xp.abs(xc) / safe) ** (p - 1.0), coef)  # not ·(1/safe): denormals
+    term = _imul(xp.sign(xc), term)
+    return as_compute(_isub(g * inv, term), x.dtype, xp=xp)
 
 
 def lp_normalize(x: Array, p: float = 2.0, axis: Any = -1, eps: float = 1e-12) -> Array:

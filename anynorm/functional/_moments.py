@@ -31,7 +31,7 @@ Array = Any
 
 
 def _size(x: Array, axes: tuple[int, ...]) -> int:
-    return math.prod(int(x.shape[a]) for a in axes)
+    return math.prod([int(x.shape[a]) for a in axes])
 
 
 def _sum(a: Array, axes: tuple[int, ...], *, xp: Any) -> Array:
@@ -234,14 +234,34 @@ def standardize_backward(
             dbias = _sum(a_sum, rest, xp=xp)
     else:
         xhat = xc * istd if mean is None else _imul(xc - mean, istd)
-        dxh = g * weight if weight is not None else g
-        if param_axes is not None:
+        # Sums that need a product temporary are taken before dx̂ exists, so that at most
+        # two input-sized arrays are alive (peak 2× the input, not 3×). Reduced axes that
+        # are not one trailing run (GroupNorm channels-last: (H, W, C/G) of the grouped
+        # (N, H, W, G, C/G)) would leave vecdot a partial sum of input/(C/G) elements: there
+        # Σ_R dx̂·x̂ = Σ_R g·x̂·γ comes from the product dweight needs anyway.
+        s2 = None
+        kept = [a for a in range(len(xhat.shape)) if a not in axes]
+        last_kept = kept[-1] if kept else -1
+        if not frozen and param_axes and any(a < last_kept for a in axes):
+            prod = g * xhat
+            dweight = _sum(prod, param_axes, xp=xp)
+            prod = prod if weight is None else _imul(prod, weight)
+            # the reduced axes before the last kept one first (the partial sum is small),
+            # then the trailing ones
+            s2 = _sum(prod, tuple(a for a in axes if a < last_kept), xp=xp)
+            trail = tuple(a for a in axes if a > last_kept)
+            s2 = (_sum(s2, trail, xp=xp) if trail else s2) / m_count
+            del prod
+        elif param_axes is not None:
             dweight = sum_prod(g, xhat, param_axes, xp=xp)
+        if param_axes is not None:
             dbias = _sum(g, param_axes, xp=xp)
+        dxh = g * weight if weight is not None else g
         if frozen:
-            dx = dxh * istd
+            dx = dxh * istd if dxh is g else _imul(dxh, istd)
         else:
-            s2 = sum_prod(dxh, xhat, axes, xp=xp) / m_count
+            if s2 is None:
+                s2 = sum_prod(dxh, xhat, axes, xp=xp) / m_count
             corr = _imul(xhat, s2)  # x̂ is not needed after this: reuse it
             if mean is not None:
                 corr = _iadd(corr, _sum(dxh, axes, xp=xp) / m_count)

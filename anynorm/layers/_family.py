@@ -402,7 +402,9 @@ class RMSNorm(_AffineLayer):
 class LocalResponseNorm(Layer):
     r"""Local response normalization across channels, like ``torch.nn.LocalResponseNorm``:
     ``y_c = x_c / (k + alpha/size · Σ_{c'} x_{c'}²)^beta`` over the window
-    ``c − size//2 … c + (size − 1)//2`` (zero outside). No parameters.
+    ``c − size//2 … c + (size − 1)//2`` (zero outside). No parameters. The forward keeps
+    only a reference to ``x``: the backward recomputes the (input-sized) denominator, in
+    cache-sized blocks for large inputs (see :mod:`anynorm.functional._lrn`).
 
     Parameters
     ----------
@@ -446,9 +448,10 @@ class LocalResponseNorm(Layer):
 
     def _forward(self, x: Array, xp: Any):
         (ax,) = V.normalize_axis(self._f("forward"), self.axis, x.ndim)
-        y, d = lrn_forward(x, self.size, self.alpha, self.beta, self.k, ax, xp=xp)
-        return y, (x, d, ax)
+        y = lrn_forward(x, self.size, self.alpha, self.beta, self.k, ax, xp=xp)
+        return y, (x, ax)  # the backward recomputes the (full-size) denominator
 
     def _backward(self, dy: Array, cache: Any, xp: Any):
-        x, d, ax = cache
-        return lrn_backward(dy, x, d, self.size, self.alpha, self.beta, ax, xp=xp), {}
+        x, ax = cache
+        dx = lrn_backward(dy, x, self.size, self.alpha, self.beta, self.k, ax, xp=xp)
+        return dx, {}
