@@ -226,7 +226,7 @@ ERRORS: list[tuple[str, Callable[[Any], None], type[Exception], str]] = [
         "functional-x-is-a-list",
         lambda bk: F.l2_normalize([[3.0, 4.0]]),
         TypeError,
-        r"lp_normalize: `x` must be an array .*received \[\[3\.0, 4\.0\]\] "
+        r"^anynorm\.functional\.l2_normalize: `x` must be an array .*received \[\[3\.0, 4\.0\]\] "
         r"\(list\)\. Convert it first",
     ),
     (
@@ -266,8 +266,8 @@ ERRORS: list[tuple[str, Callable[[Any], None], type[Exception], str]] = [
         "functional-int-x",
         lambda bk: F.l2_normalize(_raw(bk, np.ones((2, 3), dtype=np.int32))),
         TypeError,
-        r"lp_normalize: `x` must have a real floating dtype .*received dtype \S*int32\. "
-        r"Cast it first",
+        r"^anynorm\.functional\.l2_normalize: `x` must have a real floating dtype .*"
+        r"received dtype \S*int32\. Cast it first",
     ),
     (
         "layer-bool-x",
@@ -338,7 +338,8 @@ ERRORS: list[tuple[str, Callable[[Any], None], type[Exception], str]] = [
         "axis-out-of-range",
         lambda bk: F.l2_normalize(_x(bk), axis=3),
         ValueError,
-        r"lp_normalize: `axis`=3 is out of range for a 3-D input \(valid axes are -3\.\.2\)",
+        r"^anynorm\.functional\.l2_normalize: `axis`=3 is out of range for a 3-D input "
+        r"\(valid axes are -3\.\.2\)",
     ),
     (
         "axis-repeated-functional",

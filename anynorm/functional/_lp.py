@@ -136,9 +136,19 @@ def lp_normalize(x: Array, p: float = 2.0, axis: Any = -1, eps: float = 1e-12) -
     --------
     lp_normalize_backward : the explicit gradient.
     """
-    func = "anynorm.functional.lp_normalize"
-    xp, p, axes, eps = _prepare(func, x, p, axis, eps)
+    return _normalize("lp_normalize", x, p, axis, eps)
+
+
+def _normalize(name: str, x: Array, p: Any, axis: Any, eps: Any) -> Array:
+    """The forward of the public ``name`` (whose name the error messages carry)."""
+    xp, p, axes, eps = _prepare(f"anynorm.functional.{name}", x, p, axis, eps)
     return lp_forward(x, p, axes, eps, xp=xp)[0]
+
+
+def _normalize_backward(name: str, dy: Array, x: Array, p: Any, axis: Any, eps: Any) -> Array:
+    xp, p, axes, eps = _prepare(f"anynorm.functional.{name}", x, p, axis, eps, dy=dy)
+    norm = lp_norm(x, p, axes, xp=xp)
+    return lp_backward(dy, x, norm, p, axes, eps, xp=xp)
 
 
 def lp_normalize_backward(
@@ -160,29 +170,26 @@ def lp_normalize_backward(
     array
         ``dx`` with the namespace, device, dtype and shape of ``x``.
     """
-    func = "anynorm.functional.lp_normalize_backward"
-    xp, p, axes, eps = _prepare(func, x, p, axis, eps, dy=dy)
-    norm = lp_norm(x, p, axes, xp=xp)
-    return lp_backward(dy, x, norm, p, axes, eps, xp=xp)
+    return _normalize_backward("lp_normalize_backward", dy, x, p, axis, eps)
 
 
 def l2_normalize(x: Array, axis: Any = -1, eps: float = 1e-12) -> Array:
     """``x / max(‖x‖_2, eps)`` along ``axis``; see :func:`lp_normalize`."""
-    return lp_normalize(x, 2.0, axis, eps)
+    return _normalize("l2_normalize", x, 2.0, axis, eps)
 
 
 def l2_normalize_backward(dy: Array, x: Array, axis: Any = -1, eps: float = 1e-12) -> Array:
     """``dx = (dy − y·Σ(dy·y)) / ‖x‖`` (``dy/eps`` where clamped); see
     :func:`lp_normalize_backward`."""
-    return lp_normalize_backward(dy, x, 2.0, axis, eps)
+    return _normalize_backward("l2_normalize_backward", dy, x, 2.0, axis, eps)
 
 
 def l1_normalize(x: Array, axis: Any = -1, eps: float = 1e-12) -> Array:
     """``x / max(Σ|x|, eps)`` along ``axis``; see :func:`lp_normalize`."""
-    return lp_normalize(x, 1.0, axis, eps)
+    return _normalize("l1_normalize", x, 1.0, axis, eps)
 
 
 def l1_normalize_backward(dy: Array, x: Array, axis: Any = -1, eps: float = 1e-12) -> Array:
     """``dx = dy/S − sign(x)·Σ(dy·x)/S²`` with ``S = max(Σ|x|, eps)``; see
     :func:`lp_normalize_backward`."""
-    return lp_normalize_backward(dy, x, 1.0, axis, eps)
+    return _normalize_backward("l1_normalize_backward", dy, x, 1.0, axis, eps)
