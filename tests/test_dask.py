@@ -482,14 +482,18 @@ def test_layers_and_functional_forms_on_a_local_cluster(bk, cluster):
         assert_equal_results(got[name], refs[name], f"{name} (LocalCluster)")
 
 
-def _cluster_step(bn, ln, a, chunks=COARSE):
-    x, dy = chunked(a["x"], chunks), chunked(a["dy"], chunks)
+def _train_step(bn, ln, x, dy):
+    """One SGD step of a BatchNorm and a LayerNorm side by side on the same batch."""
     bn.forward(x)
     ln.forward(x)
     bn.backward(dy)
     ln.backward(dy)
     bn.update(**SGD)
     ln.update(**SGD)
+
+
+def _cluster_step(bn, ln, a, chunks=COARSE):
+    _train_step(bn, ln, chunked(a["x"], chunks), chunked(a["dy"], chunks))
 
 
 def test_persist_on_a_local_cluster_keeps_no_history(bk, cluster):
@@ -500,18 +504,11 @@ def test_persist_on_a_local_cluster_keeps_no_history(bk, cluster):
     import dask
 
     steps = 4
-    bn_np, ln_np = anynorm.BatchNorm(4), anynorm.LayerNorm((5, 7))
     bn, ln = anynorm.BatchNorm(4), anynorm.LayerNorm((5, 7))
     held = []
     with dask.config.set(scheduler=cluster):
         for step in range(steps):
             a = data(10 + step)
-            bn_np.forward(a["x"])
-            ln_np.forward(a["x"])
-            bn_np.backward(a["dy"])
-            ln_np.backward(a["dy"])
-            bn_np.update(**SGD)
-            ln_np.update(**SGD)
             _cluster_step(bn, ln, a)
             assert anynorm.persist(bn, ln) == (bn, ln)
             for layer in (bn, ln):
@@ -536,7 +533,7 @@ def test_persist_on_a_local_cluster_keeps_no_history(bk, cluster):
         print(f"scheduler tasks after each step: anynorm.persist {held}, dask.persist {bare_held}")
         assert bare_held[0] > 0 and bare_held[2] > bare_held[1] > bare_held[0], bare_held
         del bare
-    ref = {**bn_np.state_dict(), **{"ln." + k: v for k, v in ln_np.params.items()}}
+    ref = _numpy_reference(steps, first=10)
     assert_equal_results(got, ref, "persisted on the cluster")
 
 
@@ -573,12 +570,7 @@ def _train(steps: int, persist_every: int | None, how: str = "anynorm.persist"):
             sources.append(weakref.ref(src))
             x = da.from_array(src, chunks=TRAIN_CHUNKS, asarray=True)
             dy = da.from_array(a["dy"], chunks=TRAIN_CHUNKS)
-            bn.forward(x)
-            ln.forward(x)
-            bn.backward(dy)
-            ln.backward(dy)
-            bn.update(**SGD)
-            ln.update(**SGD)
+            _train_step(bn, ln, x, dy)
             if persist_every and (step + 1) % persist_every == 0:
                 before = counter.computes
                 if how == "anynorm.persist":
@@ -602,16 +594,12 @@ def graph_sizes(bn, ln) -> dict:
     return {k: (graph_len(v), v.npartitions) for k, v in arrays.items()}
 
 
-def _numpy_reference(steps: int) -> dict:
+def _numpy_reference(steps: int, first: int = 100) -> dict:
+    """The state after ``steps`` NumPy steps on ``data(first)``, ``data(first + 1)``, ..."""
     bn, ln = anynorm.BatchNorm(4), anynorm.LayerNorm((5, 7))
     for step in range(steps):
-        a = data(100 + step)
-        bn.forward(a["x"])
-        ln.forward(a["x"])
-        bn.backward(a["dy"])
-        ln.backward(a["dy"])
-        bn.update(**SGD)
-        ln.update(**SGD)
+        a = data(first + step)
+        _train_step(bn, ln, a["x"], a["dy"])
     return {**bn.state_dict(), **{"ln." + k: v for k, v in ln.params.items()}}
 
 

@@ -191,12 +191,10 @@ def test_mpi4py_equals_full_batch(sizes, tmp_path):
     _compare(_launch_mpi(sizes, tmp_path), sizes, autograd=False)
 
 
-def test_example_under_torchrun():
-    """examples/sync_batch_norm.py as the README runs it: torchrun, 2 processes, gloo."""
-    pytest.importorskip("torch", reason="torch is not installed")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+def _run_example(cmd: list[str], ranks: int, *args: str) -> None:
+    """Run examples/sync_batch_norm.py under a launcher; every rank reports and passes."""
     out = subprocess.run(
-        [*cmd, str(ROOT / "examples" / "sync_batch_norm.py")],
+        [*cmd, str(ROOT / "examples" / "sync_batch_norm.py"), *args],
         cwd=ROOT,
         env=_env(),
         capture_output=True,
@@ -205,7 +203,15 @@ def test_example_under_torchrun():
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = [ln for ln in out.stdout.splitlines() if "max |synced - full batch|" in ln]
-    assert len(lines) == 2, out.stdout
+    assert len(lines) == ranks, out.stdout
+
+
+def test_example_under_torchrun():
+    """examples/sync_batch_norm.py as the README runs it: torchrun, 2 processes, gloo."""
+    pytest.importorskip("torch", reason="torch is not installed")
+    _run_example(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"], 2
+    )
 
 
 def test_example_under_mpiexec():
@@ -213,15 +219,4 @@ def test_example_under_mpiexec():
     pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install mpi4py mpich)")
     if _mpiexec() is None:
         pytest.skip("no mpiexec on PATH or next to this Python (pip install mpich)")
-    example = str(ROOT / "examples" / "sync_batch_norm.py")
-    out = subprocess.run(
-        [_mpiexec(), "-n", "3", sys.executable, example, "--mpi"],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=LAUNCH_TIMEOUT,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    lines = [ln for ln in out.stdout.splitlines() if "max |synced - full batch|" in ln]
-    assert len(lines) == 3, out.stdout
+    _run_example([_mpiexec(), "-n", "3", sys.executable], 3, "--mpi")

@@ -13,6 +13,7 @@ import threading
 
 import numpy as np
 import pytest
+from test_batch_norm import _torch_bn
 
 import anynorm
 from anynorm import functional as F
@@ -98,15 +99,6 @@ CONFIGS = [
 ]
 
 
-def _oracle(torch, kind, c, cfg, rng):
-    module = getattr(torch.nn, kind)(c, eps=1e-5, **cfg).double()
-    if cfg["affine"]:
-        with torch.no_grad():
-            module.weight.copy_(torch.tensor(rng.standard_normal(c) + 1.0))
-            module.bias.copy_(torch.tensor(rng.standard_normal(c)))
-    return module
-
-
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 @pytest.mark.parametrize("case", list(CASES))
 def test_sync_layer_equals_full_batch_torch(bk, rng, torch_oracle, case, cfg):
@@ -119,7 +111,7 @@ def test_sync_layer_equals_full_batch_torch(bk, rng, torch_oracle, case, cfg):
     shape = (n, *fshape)
     perm = None if axis == 1 else (0, len(shape) - 1, *range(1, len(shape) - 1))
     c = shape[1] if axis == 1 else shape[-1]
-    module = _oracle(torch, kind, c, cfg, rng)
+    module = _torch_bn(torch, kind, c, cfg, rng)
     hub = ThreadSum(world)
     layers = [anynorm.BatchNorm(c, axis=axis, sync=hub.hook(r), **cfg) for r in range(world)]
     if cfg["affine"]:
