@@ -199,9 +199,8 @@ def test_sync_functional_forms_equal_full_batch(bk, rng, torch_oracle):
             xr, gr = bk.asarray(xs[r]), bk.asarray(gs[r])
             wr, br = bk.asarray(w), bk.asarray(b)
             y = F.batch_norm(xr, wr, br, sync=sync, **stats)
-            dx, dw, db = F.batch_norm_backward(bk.asarray(gs[r]), xr, wr, sync=sync, **stats)
+            dx, dw, db = F.batch_norm_backward(gr, xr, wr, sync=sync, **stats)
             mean, var = F.batch_norm_stats(xr, sync=sync)
-            del gr
             return y, dx, dw, db, mean, var
 
         out = run_ranks(len(sizes), rank)
@@ -219,7 +218,8 @@ def test_sync_functional_forms_equal_full_batch(bk, rng, torch_oracle):
 @pytest.mark.dtypes("float64")
 def test_sync_statistics_are_two_pass_exact(bk, rng):
     """Mean 1e8, std 1 over 2 ranks: E[x²]−E[x]² would lose every digit; the synced
-    two-pass variance matches the float64 NumPy two-pass variance of the whole batch."""
+    two-pass variance matches the float64 NumPy two-pass variance of the whole batch to
+    rounding (measured 2.5e-16 relative; 1e-12 allowed for other summation orders)."""
     sizes = (5, 7)
     x = rng.standard_normal((sum(sizes), 3)) + 1e8
     hub = ThreadSum(2)
@@ -228,7 +228,7 @@ def test_sync_statistics_are_two_pass_exact(bk, rng):
     ref = x.var(axis=0)
     for mean, var in out:
         np.testing.assert_allclose(bk.to_numpy(mean), x.mean(axis=0), rtol=1e-15)
-        np.testing.assert_allclose(bk.to_numpy(var), ref, rtol=1e-7)
+        np.testing.assert_allclose(bk.to_numpy(var), ref, rtol=1e-12)
 
 
 @pytest.mark.dtypes("float32")
