@@ -199,6 +199,18 @@ def compat_version() -> str:
     return array_api_compat.__version__
 
 
+def vecdot_last(xp: Namespace, a: Array, b: Array) -> Array:
+    """``Σ a·b`` over the last axis, by the fastest ``vecdot`` of the namespace.
+
+    On torch, array-api-compat's top-level ``vecdot`` is a batched matmul: faster than
+    ``torch.linalg.vecdot`` on short rows (56–64 elements: 3.0 vs 6.0 ms on (114688, 56)
+    float32) but 5× slower on long ones (0.76 vs 0.14 ms on (64, 4096)); rows of 1024 or
+    more go through ``linalg.vecdot`` there."""
+    if is_torch_namespace(xp) and int(a.shape[-1]) >= 1024:
+        return xp.linalg.vecdot(a, b, axis=-1)
+    return xp.vecdot(a, b, axis=-1)
+
+
 def is_lazy(value: Any) -> bool:
     """A Dask array (asked through the namespace, so no dask import for other arrays)."""
     return namespace_name(array_namespace(value)) == "dask"

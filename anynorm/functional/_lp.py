@@ -7,7 +7,7 @@ from typing import Any
 
 from .. import _validation as V
 from .._compat import compute_dtype
-from ._moments import _imul, _isub, as_compute
+from ._moments import _imul, _isub, as_compute, sum_prod
 
 Array = Any
 
@@ -34,29 +34,13 @@ def _prepare(func: str, x: Array, p: Any, axis: Any, eps: Any, dy: Array | None 
     return xp, p, axes, eps
 
 
-def _dot(a: Array, b: Array, axes: tuple[int, ...], *, xp: Any) -> Array:
-    """``Σ_axes a·b`` with keepdims. Trailing axes go through the linalg extension's
-    ``vecdot`` (one read of each operand, no product temporary); ``linalg.vecdot`` rather
-    than the top-level one, which array-api-compat implements on torch as a batched matmul,
-    several times slower than ``torch.linalg.vecdot`` on long rows."""
-    nd = a.ndim
-    linalg = getattr(xp, "linalg", None)
-    trailing = bool(axes) and axes == tuple(range(nd - len(axes), nd))
-    if not trailing or a.shape != b.shape or not hasattr(linalg, "vecdot"):
-        return xp.sum(a * b, axis=axes, keepdims=True)
-    lead = tuple(int(s) for s in a.shape[: nd - len(axes)])
-    flat = (*lead, math.prod([int(a.shape[i]) for i in axes]))
-    r = linalg.vecdot(xp.reshape(a, flat), xp.reshape(b, flat), axis=-1)
-    return xp.reshape(r, (*lead, *([1] * len(axes))))
-
-
 def lp_norm(x: Array, p: float, axes: tuple[int, ...], *, xp: Any) -> Array:
     """‖x‖_p over ``axes`` (keepdims) in the compute dtype; overflow-safe for general p."""
     xc = as_compute(x, compute_dtype(xp, x.dtype), xp=xp)
     if math.prod([int(s) for s in x.shape]) == 0:  # empty: norms are 0, max() would fail
         return xp.sum(xp.abs(xc), axis=axes, keepdims=True)
     if p == 2.0:
-        return xp.sqrt(_dot(xc, xc, axes, xp=xp))
+        return xp.sqrt(sum_prod(xc, xc, axes, xp=xp))
     if p == 1.0:
         return xp.sum(xp.abs(xc), axis=axes, keepdims=True)
     a = xp.abs(xc)
@@ -91,7 +75,7 @@ def lp_backward(
     g = as_compute(dy, cdt, xp=xp)
     xc = as_compute(x, cdt, xp=xp)
     inv = 1.0 / xp.clip(norm, min=eps)
-    dot = _dot(g, xc, axes, xp=xp)
+    dot = sum_prod(g, xc, axes, xp=xp)
     coef = xp.where(norm > eps, dot * inv * inv, xp.zeros_like(dot))
     if p == 2.0:
         # (g − x·coef)·inv

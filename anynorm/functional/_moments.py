@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .._compat import inplace_ok
+from .._compat import inplace_ok, vecdot_last
 
 Array = Any
 
@@ -53,7 +53,7 @@ def sum_prod(a: Array, b: Array, axes: tuple[int, ...], *, xp: Any) -> Array:
         start -= 1
     lead = tuple(int(s) for s in a.shape[:start])
     flat = (*lead, _size(a, tuple(range(start, nd))))
-    r = xp.vecdot(xp.reshape(a, flat), xp.reshape(b, flat), axis=-1)
+    r = vecdot_last(xp, xp.reshape(a, flat), xp.reshape(b, flat))
     r = xp.reshape(r, (*lead, *([1] * (nd - start))))
     rest = tuple(ax for ax in axes if ax < start)
     return xp.sum(r, axis=rest, keepdims=True) if rest else r
