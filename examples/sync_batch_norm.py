@@ -16,6 +16,7 @@ the second.)
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 
@@ -63,11 +64,12 @@ def main() -> int:
             *(float(np.max(np.abs(bn.params[k] - full.params[k]))) for k in bn.params),
             *(float(np.max(np.abs(bn.buffers[k] - full.buffers[k]))) for k in bn.buffers),
         )
-    print(
+    report = (
         f"rank {rank}/{world}: {hi - lo} of {sum(sizes)} samples per step; "
-        f"max |synced - full batch| over {args.steps} steps = {worst:.1e}",
-        flush=True,
+        f"max |synced - full batch| over {args.steps} steps = {worst:.1e}\n"
     )
+    sys.stdout.write(report)  # one write per rank, so concurrent ranks' lines stay whole
+    sys.stdout.flush()
     if not args.mpi:
         dist.destroy_process_group()
     return 0 if worst < 1e-10 else 1
