@@ -281,6 +281,10 @@ GN_CASES = [
     ((2, 6, 5), 3, False, True),
     ((2, 6, 5), 2, True, False),
     ((2, 4, 3, 5), 2, True, True),
+    # >= 8 values per channel within a group: the per-sample-and-channel path
+    ((2, 6, 4, 4), 3, False, True),
+    ((2, 6, 4, 4), 3, True, False),
+    ((3, 8, 2, 3, 4), 4, True, True),
 ]
 
 
@@ -312,6 +316,77 @@ def test_group_norm_matches_torch(
         {**_unit_affine((c,)), **p64},
         channels_last,
     )
+
+
+# ----------------------------------------------------------------------------- strided input
+def _strided_cases(torch):
+    F = torch.nn.functional
+    return {
+        "BatchNorm": (
+            lambda c: an.BatchNorm(c, axis=-1, eps=EPS),
+            lambda t, weight, bias: F.batch_norm(t, None, None, weight, bias, True, 0.1, EPS),
+            True,
+        ),
+        "GroupNorm": (
+            lambda c: an.GroupNorm(3, c, axis=-1, eps=EPS),
+            lambda t, weight, bias: F.group_norm(t, 3, weight, bias, EPS),
+            True,
+        ),
+        "InstanceNorm": (
+            lambda c: an.InstanceNorm(c, affine=True, axis=-1, eps=EPS),
+            lambda t, weight, bias: F.instance_norm(t, weight=weight, bias=bias, eps=EPS),
+            True,
+        ),
+        "LayerNorm": (
+            lambda c: an.LayerNorm(c, eps=EPS),
+            lambda t, weight, bias: F.layer_norm(t, (t.shape[-1],), weight, bias, EPS),
+            False,
+        ),
+        "RMSNorm": (
+            lambda c: an.RMSNorm(c, eps=EPS),
+            lambda t, weight: F.rms_norm(t, (t.shape[-1],), weight, EPS),
+            False,
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"])
+def test_strided_input_matches_torch(bk, rng, torch_oracle, name):
+    """A channels-last *view* of channels-first data (``permute_dims``, not contiguous on
+    NumPy/torch/array-api-strict) as input and upstream gradient: the kernels pick their
+    reduction strategy by memory layout (``_compat.blas_sums``: BLAS sums only on
+    C-contiguous arrays), so the strided path needs its own oracle check. 4×5 spatial
+    values per channel put GroupNorm on its per-sample-and-channel path."""
+    torch = torch_oracle
+    make, tfn, channels_last = _strided_cases(torch)[name]
+    c, shape_cf = 6, (2, 6, 4, 5)
+    x_cf, g_cf = _data(rng, shape_cf), rng.standard_normal(shape_cf)
+    x_np, g_np = x_cf.transpose(0, 2, 3, 1), g_cf.transpose(0, 2, 3, 1)
+    x = bk.xp.permute_dims(bk.asarray(x_cf), (0, 2, 3, 1))
+    g = bk.xp.permute_dims(bk.asarray(g_cf), (0, 2, 3, 1))
+    layer = make(c)
+    layer.forward(x)
+    names = ["weight"] if name == "RMSNorm" else ["weight", "bias"]
+    params, p64 = _case_params(bk, _params(rng, {k: (c,) for k in names}))
+    layer.load_state_dict(params, strict=False)
+    before = _snapshot(bk, {"x": x, "dy": g})
+    y = layer.forward(x)
+    dx = layer.backward(g)
+    bk.check(y, x_np.shape, what="y")
+    bk.check(dx, x_np.shape, what="dx")
+    _assert_unchanged(bk, {"x": x, "dy": g}, before)
+    leaves = _torch_leaves(torch, p64)
+    want = _torch_vjp(
+        torch,
+        lambda t: tfn(t, **leaves),
+        bk.round(x_np),
+        bk.round(g_np),
+        leaves,
+        channels_last,
+    )
+    for k in names:
+        bk.check(layer.grads[k], (c,), dtype=bk.param_dtype, what=f"grads[{k!r}]")
+    _compare(bk, (y, dx, dict(layer.grads)), want)
 
 
 # ----------------------------------------------------------------------------- InstanceNorm

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .._compat import inplace_ok, vecdot_last
+from .._compat import blas_sums, device, inplace_ok, vecdot_last
 
 Array = Any
 
@@ -35,9 +35,41 @@ def _size(x: Array, axes: tuple[int, ...]) -> int:
 
 
 def _sum(a: Array, axes: tuple[int, ...], *, xp: Any) -> Array:
-    # An empty axis tuple means "no reduction" (torch.sum(dim=()) would sum everything);
-    # return a copy then, so a gradient never aliases the caller's dy.
-    return xp.sum(a, axis=axes, keepdims=True) if axes else xp.asarray(a, copy=True)
+    """``Σ_axes a`` with keepdims.
+
+    An empty axis tuple means "no reduction" (``torch.sum(dim=())`` would sum everything):
+    a copy then, so a gradient never aliases the caller's ``dy``. Where
+    :func:`anynorm._compat.blas_sums` says so, the largest run of consecutive reduced axes is
+    summed by ``matmul`` with a ones vector (``(B, M) @ 1`` or ``1ᵀ @ (B, M, K)``: one BLAS
+    pass, no temporaries) and the small remainder by ``sum``."""
+    if not axes:
+        return xp.asarray(a, copy=True)
+    if a.dtype not in (xp.float32, xp.float64) or not blas_sums(xp, a):
+        return xp.sum(a, axis=axes, keepdims=True)
+    shape = [int(s) for s in a.shape]
+    runs, i = [], 0
+    while i < len(shape):
+        if i in axes:
+            j = i
+            while j + 1 in axes:
+                j += 1
+            runs.append((i, j + 1))
+            i = j + 1
+        else:
+            i += 1
+    start, stop = max(runs, key=lambda r: math.prod(shape[r[0] : r[1]]))
+    m = math.prod(shape[start:stop])
+    if m < 8:
+        return xp.sum(a, axis=axes, keepdims=True)
+    b, k = math.prod(shape[:start]), math.prod(shape[stop:])
+    ones = xp.ones(m, dtype=a.dtype, device=device(a))
+    if k == 1:
+        r = xp.reshape(a, (b, m)) @ ones
+    else:
+        r = xp.reshape(ones, (1, m)) @ xp.reshape(a, (b, m, k))
+    r = xp.reshape(r, tuple(1 if start <= ax < stop else s for ax, s in enumerate(shape)))
+    rest = tuple(ax for ax in axes if not start <= ax < stop)
+    return xp.sum(r, axis=rest, keepdims=True) if rest else r
 
 
 def sum_prod(a: Array, b: Array, axes: tuple[int, ...], *, xp: Any) -> Array:
@@ -47,16 +79,42 @@ def sum_prod(a: Array, b: Array, axes: tuple[int, ...], *, xp: Any) -> Array:
         return a * b
     nd = a.ndim
     if axes[-1] != nd - 1 or a.shape != b.shape:
-        return xp.sum(a * b, axis=axes, keepdims=True)
+        return _sum(a * b, axes, xp=xp)
     start = nd - 1
     while start - 1 in axes:
         start -= 1
+    if _size(a, tuple(range(start, nd))) < _SHORT:  # vecdot over rows of 2 is slow
+        return _sum(a * b, axes, xp=xp)
     lead = tuple(int(s) for s in a.shape[:start])
     flat = (*lead, _size(a, tuple(range(start, nd))))
     r = vecdot_last(xp, xp.reshape(a, flat), xp.reshape(b, flat))
     r = xp.reshape(r, (*lead, *([1] * (nd - start))))
     rest = tuple(ax for ax in axes if ax < start)
-    return xp.sum(r, axis=rest, keepdims=True) if rest else r
+    return _sum(r, rest, xp=xp) if rest else r
+
+
+#: trailing runs shorter than this make per-row work (``vecdot`` rows, broadcasting inner
+#: loops) slow on NumPy
+_SHORT = 16
+
+
+def widen(v: Array, x: Array, *, xp: Any) -> Array:
+    """``v`` (a keepdims statistic) materialized along the trailing axes of ``x`` it
+    broadcasts over, when those form a short run and the result stays small.
+
+    NumPy's broadcasting inner loop runs over the trailing axes the operands share; a
+    per-group statistic of GroupNorm channels-last, shape ``(N, 1, 1, G, 1)`` against
+    ``(N, H, W, G, C/G)``, leaves it rows of ``C/G`` (often 2) elements. Spread to
+    ``(N, 1, 1, G, C/G)`` (``N·C`` values), the loop runs over whole ``G·C/G`` rows."""
+    nd, t = len(x.shape), len(x.shape)
+    while t > 0 and int(v.shape[t - 1]) == 1 and int(x.shape[t - 1]) != 1:
+        t -= 1
+    if t == nd or _size(x, tuple(range(t, nd))) >= _SHORT:
+        return v
+    shape = (*(int(s) for s in v.shape[:t]), *(int(s) for s in x.shape[t:]))
+    if 8 * math.prod(shape) > _size(x, tuple(range(nd))):
+        return v
+    return v + xp.zeros((1,) * t + shape[t:], dtype=v.dtype, device=device(v))
 
 
 def _imul(a: Array, b: Any) -> Array:
@@ -91,11 +149,12 @@ def centered_moments(
     """``(mean, var, x − mean)``: mean and biased variance over ``axes`` (keepdims) in
     ``cdt``, two-pass, plus the centred array (a fresh temporary the caller may consume)."""
     xc = as_compute(x, cdt, xp=xp)
-    mean = xp.mean(xc, axis=axes, keepdims=True)
-    d = xc - mean
     count = _size(x, axes)
     if count == 0:  # empty reduction: NaN statistics, as the mean of nothing
-        return mean, mean, d
+        mean = xp.mean(xc, axis=axes, keepdims=True)
+        return mean, mean, xc - mean
+    mean = _sum(xc, axes, xp=xp) / count
+    d = xc - widen(mean, xc, xp=xp)
     var = sum_prod(d, d, axes, xp=xp) / count
     return mean, var, d
 
@@ -142,6 +201,21 @@ def _constant_over(weight: Array | None, axes: tuple[int, ...]) -> bool:
     return weight is None or all(int(weight.shape[a]) == 1 for a in axes)
 
 
+def _varying(weight: Array | None, axes: tuple[int, ...]) -> tuple[int, ...]:
+    """The axes of ``axes`` along which ``weight`` varies (GroupNorm: the channels of a
+    group; LayerNorm: all of them)."""
+    return () if weight is None else tuple(a for a in axes if int(weight.shape[a]) != 1)
+
+
+def _small_product(x: Array, *vectors: Array) -> bool:
+    """Is the broadcast product of ``vectors`` (keepdims shapes) at most 1/8 of ``x``? Then
+    a fused per-element scale is cheap to build (GroupNorm: per sample and channel)."""
+    size = 1
+    for ax in range(len(x.shape)):
+        size *= max(int(v.shape[ax]) for v in vectors)
+    return 8 * size <= _size(x, tuple(range(len(x.shape))))
+
+
 def standardize(
     x: Array,
     mean: Array | None,
@@ -165,9 +239,10 @@ def standardize(
     elif mean is None:
         y = None
     else:
-        y = as_compute(x, cdt, xp=xp) - mean
-    if _constant_over(weight, axes):
-        scale = istd if weight is None else istd * weight  # per-group vector
+        y = as_compute(x, cdt, xp=xp) - widen(mean, x, xp=xp)
+    if _constant_over(weight, axes) or _small_product(x, istd, weight):
+        # one fused per-group (GroupNorm: per sample and channel) scale
+        scale = widen(istd if weight is None else istd * weight, x, xp=xp)
         y = as_compute(x, cdt, xp=xp) * scale if y is None else _imul(y, scale)
     else:
         y = as_compute(x, cdt, xp=xp) * istd if y is None else _imul(y, istd)
@@ -207,29 +282,42 @@ def standardize_backward(
     xc = as_compute(x, cdt, xp=xp)
     m_count = _size(x, axes) if count is None else count
     dweight = dbias = None
-    per_group = _constant_over(weight, axes) and (
-        param_axes is None or set(axes) <= set(param_axes)
+    # Axes along which the weight varies inside a statistics group (GroupNorm: the group's
+    # channels); the rest of the reduced axes ("sub") are summed first.
+    vary = _varying(weight, axes)
+    sub = tuple(a for a in axes if a not in vary)
+    per_group = (not vary or (sub and _small_product(x, istd, weight))) and (
+        param_axes is None or set(sub) <= set(param_axes)
     )
-    if reduce is not None and not per_group:
+    if reduce is not None and (vary or not per_group):
         raise RuntimeError("standardize_backward: `reduce` needs per-group parameters")
     if per_group:
-        # Everything follows from two per-group sums: A = Σ_R g, C = Σ_R g·x̂.
-        a_sum = _sum(g, axes, xp=xp)
-        gx = sum_prod(g, xc, axes, xp=xp)
+        # Everything follows from two sums per sub-group (per group when the weight is
+        # constant over it): A = Σ_sub g, C = Σ_sub g·x̂. With S_A = Σ_vary γ·A and
+        # S_C = Σ_vary γ·C per group, dx = k·g + m·x + n with k = istd·γ,
+        # m = −istd·S_C·istd/M and n = −istd·S_A/M − m·μ.
+        a_sum = _sum(g, sub, xp=xp)
+        gx = sum_prod(g, xc, sub, xp=xp)
         if reduce is not None and (param_axes is not None or not frozen):
             a_sum, gx = reduce([a_sum, gx])
         c_sum = istd * (gx if mean is None else gx - mean * a_sum)
-        k = istd if weight is None else istd * weight
+        k = widen(istd if weight is None else istd * weight, xc, xp=xp)
         if frozen:
             dx = g * k
         else:
-            # dx = k·(g − (A + x̂·C)/M) = k·g + m·x + n with per-group m, n.
-            m = -(k * istd * c_sum) / m_count
-            dx = _iadd(g * k, xc * m)
+            if vary:
+                s_a = _sum(weight * a_sum, vary, xp=xp)
+                s_c = _sum(weight * c_sum, vary, xp=xp)
+                m = -(istd * istd * s_c) / m_count
+                n = istd * s_a / m_count
+            else:
+                m = -(k * istd * c_sum) / m_count
+                n = k * a_sum / m_count
+            dx = _iadd(g * k, xc * widen(m, xc, xp=xp))
             if mean is not None:
-                dx = _isub(dx, k * a_sum / m_count + m * mean)
+                dx = _isub(dx, widen(n + m * mean, xc, xp=xp))
         if param_axes is not None:
-            rest = tuple(a for a in param_axes if a not in axes)
+            rest = tuple(a for a in param_axes if a not in sub)
             dweight = _sum(c_sum, rest, xp=xp)
             dbias = _sum(a_sum, rest, xp=xp)
     else:
