@@ -15,9 +15,14 @@ broadcast over. RMS norm is the uncentred case (``μ = 0``, no ``Σ_R dx̂`` ter
 the compute dtype (float32 for float16/bfloat16 input).
 
 Speed: the kernels make as few passes over memory as they can. Sums of products go through
-``vecdot`` when the reduced axes are trailing (no product temporary), and full-size
-temporaries the function has just allocated are updated in place where that is safe
-(:func:`anynorm._compat.inplace_ok`); inputs and cached arrays are never written.
+``vecdot`` when the reduced axes end in a trailing run of at least 16 values (no product
+temporary); plain sums of C-contiguous NumPy/torch-CPU arrays go through ``matmul`` with a
+ones vector (:func:`_sum`); full-size temporaries the function has just allocated are
+updated in place where that is safe (:func:`anynorm._compat.inplace_ok`); inputs and cached
+arrays are never written. When the weight varies inside a statistics group (GroupNorm: the
+group's channels) the backward still runs on small sums: per sub-group (sample and channel)
+over the other reduced axes, then ``S_A = Σ γ·A`` and ``S_C = Σ γ·C`` per group, and
+``dx = k·g + m·x + n`` with per-sample-and-channel ``k, m, n``.
 """
 
 from __future__ import annotations
