@@ -205,10 +205,24 @@ def vecdot_last(xp: Namespace, a: Array, b: Array) -> Array:
     On torch, array-api-compat's top-level ``vecdot`` is a batched matmul: faster than
     ``torch.linalg.vecdot`` on short rows (56–64 elements: 3.0 vs 6.0 ms on (114688, 56)
     float32) but 5× slower on long ones (0.76 vs 0.14 ms on (64, 4096)); rows of 1024 or
-    more go through ``linalg.vecdot`` there."""
-    if is_torch_namespace(xp) and int(a.shape[-1]) >= 1024:
+    more go through ``linalg.vecdot`` there, and so do all rows under ``torch.compile`` and
+    float32 rows whenever ``torch.set_float32_matmul_precision`` lets matmuls run in
+    bfloat16/TF32."""
+    if is_torch_namespace(xp) and (int(a.shape[-1]) >= 1024 or _torch_avoid_matmul(a)):
         return xp.linalg.vecdot(a, b, axis=-1)
     return xp.vecdot(a, b, axis=-1)
+
+
+def _torch_avoid_matmul(a: Array) -> bool:
+    """Keep a torch reduction off ``matmul``: while ``torch.compile`` traces (a reduction
+    fuses there; and dynamo cannot trace the precision query), or for float32 while
+    ``torch.set_float32_matmul_precision`` is not "highest" ("medium": bfloat16 matmuls on
+    CPU (oneDNN) and GPU; "high": TF32 on GPU)."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        return True
+    return a.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
 
 
 def is_lazy(value: Any) -> bool:
@@ -252,13 +266,12 @@ def blas_sums(xp: Namespace, a: Array) -> bool:
     torch CPU gains on leading axes (2.0 → 1.1 ms). Only for C-contiguous arrays (the
     reshape that feeds ``matmul`` would copy otherwise), never while ``torch.compile``
     traces (a reduction fuses there, a BLAS call does not), and not on JAX, Dask or CuPy,
-    whose reductions are fused or lazy (unmeasured on CuPy)."""
+    whose reductions are fused or lazy (unmeasured on CuPy), and not for torch float32 when
+    ``torch.set_float32_matmul_precision`` allows reduced-precision matmuls."""
     if is_numpy_namespace(xp):
         return bool(a.flags.c_contiguous)
     if is_torch_namespace(xp):
-        import torch
-
-        if torch.compiler.is_compiling() or a.device.type != "cpu":
+        if a.device.type != "cpu" or _torch_avoid_matmul(a):
             return False
         return a.is_contiguous()
     if is_array_api_strict_namespace(xp):

@@ -52,6 +52,7 @@ def _sum(a: Array, axes: tuple[int, ...], *, xp: Any) -> Array:
     if a.dtype not in (xp.float32, xp.float64) or not blas_sums(xp, a):
         return xp.sum(a, axis=axes, keepdims=True)
     shape = [int(s) for s in a.shape]
+    axes = tuple(sorted(ax % len(shape) for ax in axes))
     runs, i = [], 0
     while i < len(shape):
         if i in axes:
@@ -119,7 +120,7 @@ def widen(v: Array, x: Array, *, xp: Any) -> Array:
     shape = (*(int(s) for s in v.shape[:t]), *(int(s) for s in x.shape[t:]))
     if 8 * math.prod(shape) > _size(x, tuple(range(nd))):
         return v
-    return v + xp.zeros((1,) * t + shape[t:], dtype=v.dtype, device=device(v))
+    return v * xp.ones((1,) * t + shape[t:], dtype=v.dtype, device=device(v))
 
 
 def _imul(a: Array, b: Any) -> Array:
