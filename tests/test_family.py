@@ -350,6 +350,29 @@ def _strided_cases(torch):
     }
 
 
+def _load_random_params(bk, rng, layer, x, name, n):
+    """A first forward on ``x`` creates the parameters; random ones (length ``n``) are
+    loaded in their place. Returns the float64 values the oracle gets."""
+    layer.forward(x)
+    names = ["weight"] if name == "RMSNorm" else ["weight", "bias"]
+    params, p64 = _case_params(bk, _params(rng, {k: (n,) for k in names}))
+    layer.load_state_dict(params, strict=False)
+    return p64
+
+
+def _torch_fn_vjp(bk, torch, tfn, p64, x_np, g_np, channels_last):
+    """``tfn(t, **params)`` differentiated by torch in float64 on the rounded data."""
+    leaves = _torch_leaves(torch, p64)
+    return _torch_vjp(
+        torch,
+        lambda t: tfn(t, **leaves),
+        bk.round(x_np),
+        bk.round(g_np),
+        leaves,
+        channels_last,
+    )
+
+
 @pytest.mark.parametrize("name", ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"])
 def test_strided_input_matches_torch(bk, rng, torch_oracle, name):
     """A channels-last *view* of channels-first data (``permute_dims``, not contiguous on
@@ -365,26 +388,15 @@ def test_strided_input_matches_torch(bk, rng, torch_oracle, name):
     x = bk.xp.permute_dims(bk.asarray(x_cf), (0, 2, 3, 1))
     g = bk.xp.permute_dims(bk.asarray(g_cf), (0, 2, 3, 1))
     layer = make(c)
-    layer.forward(x)
-    names = ["weight"] if name == "RMSNorm" else ["weight", "bias"]
-    params, p64 = _case_params(bk, _params(rng, {k: (c,) for k in names}))
-    layer.load_state_dict(params, strict=False)
+    p64 = _load_random_params(bk, rng, layer, x, name, c)
     before = _snapshot(bk, {"x": x, "dy": g})
     y = layer.forward(x)
     dx = layer.backward(g)
     bk.check(y, x_np.shape, what="y")
     bk.check(dx, x_np.shape, what="dx")
     _assert_unchanged(bk, {"x": x, "dy": g}, before)
-    leaves = _torch_leaves(torch, p64)
-    want = _torch_vjp(
-        torch,
-        lambda t: tfn(t, **leaves),
-        bk.round(x_np),
-        bk.round(g_np),
-        leaves,
-        channels_last,
-    )
-    for k in names:
+    want = _torch_fn_vjp(bk, torch, tfn, p64, x_np, g_np, channels_last)
+    for k in p64:
         bk.check(layer.grads[k], (c,), dtype=bk.param_dtype, what=f"grads[{k!r}]")
     _compare(bk, (y, dx, dict(layer.grads)), want)
 
@@ -401,26 +413,19 @@ def test_torch_reduced_matmul_precision_keeps_float32_sums(bk, rng, torch_oracle
     c, shape_cf = 6, (8, 6, 32, 64)
     shape = _cl(shape_cf) if channels_last else shape_cf
     x_np, g_np = rng.standard_normal(shape) + 10.0, rng.standard_normal(shape)
+    layer = make(c if channels_last else shape[-1])
+    x, g = bk.asarray(x_np), bk.asarray(g_np)
+    p64 = _load_random_params(bk, rng, layer, x, name, c if channels_last else shape[-1])
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
     try:
-        layer = make(c if channels_last else shape[-1])
-        x, g = bk.asarray(x_np), bk.asarray(g_np)
         y = layer.forward(x)
         dx = layer.backward(g)
     finally:
         torch.set_float32_matmul_precision(before)
     bk.check(y, shape, what="y")
     bk.check(dx, shape, what="dx")
-    leaves = _torch_leaves(torch, {k: np.asarray(bk.to_numpy(v)) for k, v in layer.params.items()})
-    want = _torch_vjp(
-        torch,
-        lambda t: tfn(t, **leaves),
-        bk.round(x_np),
-        bk.round(g_np),
-        leaves,
-        channels_last,
-    )
+    want = _torch_fn_vjp(bk, torch, tfn, p64, x_np, g_np, channels_last)
     y_ref, dx_ref, grads_ref = want
     bk.close(y, y_ref, what="y")
     bk.close(dx, dx_ref, what="dx")

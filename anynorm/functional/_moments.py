@@ -311,14 +311,12 @@ def standardize_backward(
         if frozen:
             dx = g * k
         else:
+            s_a = a_sum if weight is None else weight * a_sum
+            s_c = c_sum if weight is None else weight * c_sum
             if vary:
-                s_a = _sum(weight * a_sum, vary, xp=xp)
-                s_c = _sum(weight * c_sum, vary, xp=xp)
-                m = -(istd * istd * s_c) / m_count
-                n = istd * s_a / m_count
-            else:
-                m = -(k * istd * c_sum) / m_count
-                n = k * a_sum / m_count
+                s_a, s_c = _sum(s_a, vary, xp=xp), _sum(s_c, vary, xp=xp)
+            m = -(istd * istd * s_c) / m_count
+            n = istd * s_a / m_count
             dx = _iadd(g * k, xc * widen(m, xc, xp=xp))
             if mean is not None:
                 dx = _isub(dx, widen(n + m * mean, xc, xp=xp))
