@@ -576,6 +576,48 @@ def plot(rows: list[Row], path: str) -> bool:
     return True
 
 
+def _pin_numpy_blas() -> Callable[[], tuple[str, Callable[[], None]]]:
+    """Run NumPy's BLAS on one thread, as torch's "1 thread" contender runs.
+
+    The targets compare single-threaded kernels, and anynorm's NumPy sums go through
+    ``matmul`` (BLAS), which would otherwise use every core. Call before NumPy is imported:
+    it sets ``OPENBLAS_NUM_THREADS=1`` unless the caller set it (NumPy's wheels use
+    OpenBLAS). The returned callable, called after the import, also limits the BLAS through
+    ``threadpoolctl`` when that is installed (MKL builds, NumPy imported already) and
+    returns what is in effect and a callable that restores the previous limits.
+    ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` are left alone: torch reads them for its
+    default thread count, which is a contender of its own.
+    """
+    import os
+
+    preset = os.environ.get("OPENBLAS_NUM_THREADS")
+    imported = "numpy" in sys.modules
+    if preset is None and not imported:
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+
+    def after() -> tuple[str, Callable[[], None]]:
+        try:
+            from threadpoolctl import threadpool_info, threadpool_limits
+        except ImportError:
+            if preset is not None:
+                text = f"NumPy BLAS: OPENBLAS_NUM_THREADS={preset} (set by the caller)"
+            elif imported:
+                text = "NumPy BLAS threads NOT pinned (install threadpoolctl)"
+            else:
+                text = "NumPy BLAS: 1 thread (OPENBLAS_NUM_THREADS=1)"
+            return text, lambda: None
+        limits = threadpool_limits(limits=1, user_api="blas")
+        libs = [
+            f"{i['internal_api']} {i['num_threads']}"
+            for i in threadpool_info()
+            if i["user_api"] == "blas"
+        ]
+        text = "NumPy BLAS threads: " + (", ".join(libs) or "no BLAS loaded")
+        return text, limits.restore_original_limits
+
+    return after
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m anynorm bench``."""
     import os
@@ -599,11 +641,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join("benchmarks", "out"))
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    blas = _pin_numpy_blas()
     try:
         import numpy  # noqa: F401
     except ImportError:
         print('anynorm bench needs NumPy: pip install "anynorm[numpy]"', file=sys.stderr)
         return 2
+    blas, restore = blas()
+    try:
+        return _main(args, blas)
+    finally:
+        restore()
+
+
+def _main(args: argparse.Namespace, blas: str) -> int:
+    import os
+
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.layers = None if args.layers is None else [s.strip() for s in args.layers.split(",")]
     if args.reps is None:
@@ -615,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     head = (
         f"anynorm bench ({'quick' if args.quick else 'full'}), {platform.platform()}, "
         f"{os.cpu_count()} CPUs, median of {args.reps} interleaved runs after "
-        f"{args.warmup} warm-ups, {time.perf_counter() - t0:.0f} s"
+        f"{args.warmup} warm-ups, {time.perf_counter() - t0:.0f} s; {blas}"
     )
     print(head)
     print()

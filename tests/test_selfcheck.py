@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,8 +111,20 @@ def test_bench_runs_and_writes_table_and_plot(tmp_path, capsys):
         "--out",
         str(tmp_path),
     ]
+    threadpoolctl = pytest.importorskip("threadpoolctl", reason="reads the BLAS thread count")
+
+    def blas_threads():
+        info = threadpoolctl.threadpool_info()
+        return {i["filepath"]: i["num_threads"] for i in info if i["user_api"] == "blas"}
+
+    before = blas_threads()
     assert _selfcheck.main(argv) == 0
     out = capsys.readouterr().out
+    # NumPy's BLAS (anynorm's matmul sums) ran on one thread, like torch's 1-thread
+    # contender, and the process's limits are back afterwards
+    head = out.splitlines()[0]
+    assert re.search(r"NumPy BLAS threads: \w+ 1(, \w+ 1)*$", head), head
+    assert blas_threads() == before
     assert "| BatchNorm | (64, 4096) | float32 | anynorm[numpy] |" in out
     assert "naive numpy" in out
     assert (tmp_path / "bench.md").read_text().count("| L2Norm |") >= 3  # ours, naive, torch
