@@ -90,6 +90,107 @@ def _make_layer(name: str, shape: tuple[int, ...], layout: str):
     raise ValueError(name)
 
 
+def _functional(name: str, shape: tuple[int, ...], layout: str, xp: Any, dtype: Any, dev: Any):
+    """``(forward(x), backward(g, x))``: the layer's functional forms (parameters bound, as
+    arrays of ``xp``), for ``torch.compile``; the backward recomputes the statistics."""
+    from . import functional as F
+
+    c_ax = -1 if layout == "NHWC" else 1
+    c = shape[c_ax]
+    n = shape[-1] if name in ("LayerNorm", "RMSNorm") else c
+    w = xp.ones(n, dtype=dtype, device=dev)
+    b = xp.zeros(n, dtype=dtype, device=dev)
+    if name == "BatchNorm":
+        return (
+            lambda x: F.batch_norm(x, w, b, axis=c_ax),
+            lambda g, x: F.batch_norm_backward(g, x, w, axis=c_ax),
+        )
+    if name == "LayerNorm":
+        return (
+            lambda x: F.layer_norm(x, w, b, axis=-1),
+            lambda g, x: F.layer_norm_backward(g, x, w, axis=-1),
+        )
+    if name == "GroupNorm":
+        return (
+            lambda x: F.group_norm(x, 32, w, b, axis=c_ax),
+            lambda g, x: F.group_norm_backward(g, x, 32, w, axis=c_ax),
+        )
+    if name == "InstanceNorm":
+        return (
+            lambda x: F.instance_norm(x, w, b, axis=c_ax),
+            lambda g, x: F.instance_norm_backward(g, x, w, axis=c_ax),
+        )
+    if name == "RMSNorm":
+        return (
+            lambda x: F.rms_norm(x, w, axis=-1),
+            lambda g, x: F.rms_norm_backward(g, x, w, axis=-1),
+        )
+    if name == "L2Norm":
+        return (
+            lambda x: F.l2_normalize(x, axis=c_ax),
+            lambda g, x: F.l2_normalize_backward(g, x, axis=c_ax),
+        )
+    if name == "L1Norm":
+        return (
+            lambda x: F.l1_normalize(x, axis=c_ax),
+            lambda g, x: F.l1_normalize_backward(g, x, axis=c_ax),
+        )
+    if name == "LocalResponseNorm":
+        return (
+            lambda x: F.local_response_norm(x, 5, axis=c_ax),
+            lambda g, x: F.local_response_norm_backward(g, x, 5, axis=c_ax),
+        )
+    raise ValueError(name)
+
+
+def _blocking(phases: dict[str, Callable[[], Any]]) -> dict[str, Callable[[], Any]]:
+    """JAX dispatches asynchronously and has no global sync: wait for each result."""
+    import jax
+
+    return {k: (lambda f=f: jax.block_until_ready(f())) for k, f in phases.items()}
+
+
+def _compiled(name, shape, layout, backend, xp, x, g):
+    """The ``anynorm[<backend>+compile]`` contender: the functional forms under
+    ``torch.compile(fullgraph=True)`` (inductor), or ``anynorm[jax+jit]`` under
+    ``jax.jit``; compiled (and run once) here, untimed."""
+    import warnings
+
+    fwd, bwd = _functional(name, shape, layout, xp, x.dtype, _compat.device(x))
+    if backend == "jax":
+        import jax
+
+        jf, jb = jax.jit(fwd), jax.jit(bwd)
+        jax.block_until_ready((jf(x), jb(g, x)))
+
+        def jfb():
+            jf(x)
+            return jb(g, x)
+
+        return _blocking({"fwd": lambda: jf(x), "bwd": lambda: jb(g, x), "f+b": jfb})
+    import torch
+
+    with warnings.catch_warnings():
+        # array-api-compat's namespace lookup calls lru_cache-wrapped helpers; dynamo
+        # warns that it traces through the cache (about array-api-compat, not anynorm)
+        warnings.filterwarnings("ignore", message=".*functools.lru_cache", category=UserWarning)
+        # torch warns about its own deprecated torch.jit while inductor imports
+        warnings.filterwarnings(
+            "ignore", message=".*torch.jit.script_method", category=DeprecationWarning
+        )
+        cf = torch.compile(fwd, fullgraph=True, dynamic=False)
+        cb = torch.compile(bwd, fullgraph=True, dynamic=False)
+        cf(x)
+        cb(g, x)
+
+    def fb():
+        cf(x)
+        return cb(g, x)
+
+    phases = {"fwd": lambda: cf(x), "bwd": lambda: cb(g, x), "f+b": fb}
+    return phases if backend != "torch" else {k: _one_thread(f) for k, f in phases.items()}
+
+
 def _torch_fn(kind: str, n: int | None, layout: str, torch: Any, dtype: Any):
     """torch's native op with autograd on the torch-layout view of the data."""
     F = torch.nn.functional
@@ -318,7 +419,7 @@ def _case(args, np, torch, default_threads, rng, label, shape, dname, lname) -> 
     syncs: dict[str, Callable[[], None]] = {}
     mems: dict[str, float | None] = {}
     for backend in backends:
-        _, x, g, sync = _backend_arrays(backend, x_np, g_np)
+        xp, x, g, sync = _backend_arrays(backend, x_np, g_np)
         layer, _ = _make_layer(lname, shape, layout)
         layer(x)
         layer.backward(g)
@@ -337,8 +438,15 @@ def _case(args, np, torch, default_threads, rng, label, shape, dname, lname) -> 
         contenders[key] = {"fwd": fwd, "bwd": bwd, "f+b": fb}
         if backend == "torch":  # compared with torch's native kernels on one thread
             contenders[key] = {k: _one_thread(f) for k, f in contenders[key].items()}
+        if backend == "jax":
+            contenders[key] = _blocking(contenders[key])
         syncs[key] = sync
         mems[key] = _peak_extra(fb, x_np.nbytes) if backend == "numpy" else None
+        if args.compile and backend in ("torch", "torch-cuda", "jax"):
+            ckey = f"anynorm[{backend}+{'jit' if backend == 'jax' else 'compile'}]"
+            contenders[ckey] = _compiled(lname, shape, layout, backend, xp, x, g)
+            syncs[ckey] = sync
+            mems[ckey] = None
         buf = np.empty_like(x_np) if backend == "numpy" else None
         if backend == "numpy":
             contenders["copy floor"] = {"fwd": lambda b=buf: np.copyto(b, x_np)}
@@ -492,7 +600,19 @@ def _backend_arrays(backend: str, x_np: Any, g_np: Any):
             torch.from_numpy(g_np).to(dev),
             torch.cuda.synchronize,
         )
-    raise ValueError(f"bench: unsupported backend {backend!r} (numpy, torch, cupy, torch-cuda)")
+    if backend == "jax":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)  # else float64 cases would run in float32
+        return (
+            _compat.namespace_of(jax.numpy),
+            jax.device_put(x_np),
+            jax.device_put(g_np),
+            lambda: None,  # the jax contenders block on their results (_blocking)
+        )
+    raise ValueError(
+        f"bench: unsupported backend {backend!r} (numpy, torch, cupy, torch-cuda, jax)"
+    )
 
 
 # ----------------------------------------------------------------------------- output
@@ -627,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--backends",
         default="numpy,torch",
-        help="anynorm backends to time (numpy, torch, cupy, torch-cuda)",
+        help="anynorm backends to time (numpy, torch, cupy, torch-cuda, jax)",
     )
     parser.add_argument("--layers", default=None, help="comma-separated layer names")
     parser.add_argument(
@@ -637,6 +757,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
         "--naive", action="store_true", help="include the naive NumPy implementation in --quick too"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the functional forms under torch.compile on the torch backends "
+        "(inductor; needs a C++ compiler on CPU; each case compiles for ~10-30 s first) "
+        "and under jax.jit on jax",
     )
     parser.add_argument("--out", default=os.path.join("benchmarks", "out"))
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

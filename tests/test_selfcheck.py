@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,21 @@ def test_bench_runs_and_writes_table_and_plot(tmp_path, capsys):
     assert "naive numpy" in out
     assert (tmp_path / "bench.md").read_text().count("| L2Norm |") >= 3  # ours, naive, torch
     assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_bench_compile_contender(tmp_path, capsys):
+    """``--compile`` adds the functional forms under torch.compile (inductor) as a row."""
+    pytest.importorskip("torch", reason="the compiled contender runs on torch tensors")
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("torch.compile's CPU backend (inductor) needs a C++ compiler")
+    argv = ["bench", "--quick", "--compile", "--layers", "L2Norm", "--shapes", "4096"]
+    argv += ["--backends", "torch", "--reps", "1", "--warmup", "0", "--quiet"]
+    assert _selfcheck.main([*argv, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    row = next(ln for ln in out.splitlines() if "anynorm[torch+compile]" in ln)
+    assert row.startswith("| L2Norm | (64, 4096) | float32 | anynorm[torch+compile] |")
+    fwd, bwd = (float(c) for c in row.split("|")[5:7])
+    assert fwd > 0 and bwd > 0
 
 
 def test_unknown_backend_is_a_usage_error(capsys):
