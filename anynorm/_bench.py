@@ -100,47 +100,26 @@ def _functional(name: str, shape: tuple[int, ...], layout: str, xp: Any, dtype: 
     n = shape[-1] if name in ("LayerNorm", "RMSNorm") else c
     w = xp.ones(n, dtype=dtype, device=dev)
     b = xp.zeros(n, dtype=dtype, device=dev)
-    if name == "BatchNorm":
-        return (
-            lambda x: F.batch_norm(x, w, b, axis=c_ax),
-            lambda g, x: F.batch_norm_backward(g, x, w, axis=c_ax),
-        )
-    if name == "LayerNorm":
-        return (
-            lambda x: F.layer_norm(x, w, b, axis=-1),
-            lambda g, x: F.layer_norm_backward(g, x, w, axis=-1),
-        )
-    if name == "GroupNorm":
-        return (
-            lambda x: F.group_norm(x, 32, w, b, axis=c_ax),
-            lambda g, x: F.group_norm_backward(g, x, 32, w, axis=c_ax),
-        )
-    if name == "InstanceNorm":
-        return (
-            lambda x: F.instance_norm(x, w, b, axis=c_ax),
-            lambda g, x: F.instance_norm_backward(g, x, w, axis=c_ax),
-        )
-    if name == "RMSNorm":
-        return (
-            lambda x: F.rms_norm(x, w, axis=-1),
-            lambda g, x: F.rms_norm_backward(g, x, w, axis=-1),
-        )
-    if name == "L2Norm":
-        return (
-            lambda x: F.l2_normalize(x, axis=c_ax),
-            lambda g, x: F.l2_normalize_backward(g, x, axis=c_ax),
-        )
-    if name == "L1Norm":
-        return (
-            lambda x: F.l1_normalize(x, axis=c_ax),
-            lambda g, x: F.l1_normalize_backward(g, x, axis=c_ax),
-        )
-    if name == "LocalResponseNorm":
-        return (
-            lambda x: F.local_response_norm(x, 5, axis=c_ax),
-            lambda g, x: F.local_response_norm_backward(g, x, 5, axis=c_ax),
-        )
-    raise ValueError(name)
+    spec = {  # name -> (forward, backward, arguments after x, after (g, x), keywords)
+        "BatchNorm": (F.batch_norm, F.batch_norm_backward, (w, b), (w,), {"axis": c_ax}),
+        "LayerNorm": (F.layer_norm, F.layer_norm_backward, (w, b), (w,), {"axis": -1}),
+        "GroupNorm": (F.group_norm, F.group_norm_backward, (32, w, b), (32, w), {"axis": c_ax}),
+        "InstanceNorm": (F.instance_norm, F.instance_norm_backward, (w, b), (w,), {"axis": c_ax}),
+        "RMSNorm": (F.rms_norm, F.rms_norm_backward, (w,), (w,), {"axis": -1}),
+        "L2Norm": (F.l2_normalize, F.l2_normalize_backward, (), (), {"axis": c_ax}),
+        "L1Norm": (F.l1_normalize, F.l1_normalize_backward, (), (), {"axis": c_ax}),
+        "LocalResponseNorm": (
+            F.local_response_norm,
+            F.local_response_norm_backward,
+            (5,),
+            (5,),
+            {"axis": c_ax},
+        ),
+    }
+    if name not in spec:
+        raise ValueError(name)
+    fwd, bwd, fargs, bargs, kw = spec[name]
+    return (lambda x: fwd(x, *fargs, **kw)), (lambda g, x: bwd(g, x, *bargs, **kw))
 
 
 def _blocking(phases: dict[str, Callable[[], Any]]) -> dict[str, Callable[[], Any]]:
@@ -178,6 +157,12 @@ def _compiled(name, shape, layout, backend, xp, x, g):
         warnings.filterwarnings(
             "ignore", message=".*torch.jit.script_method", category=DeprecationWarning
         )
+        # every case compiles the same lambdas anew (dynamo would count each case as a
+        # recompile of one function, up to its limit of 8), under the thread count it is
+        # timed with (dynamo guards on it)
+        torch.compiler.reset()
+        if backend == "torch":
+            torch.set_num_threads(1)
         cf = torch.compile(fwd, fullgraph=True, dynamic=False)
         cb = torch.compile(bwd, fullgraph=True, dynamic=False)
         cf(x)
