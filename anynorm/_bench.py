@@ -142,9 +142,8 @@ def _compiled(name, shape, layout, backend, xp, x, g):
         jf, jb = jax.jit(fwd), jax.jit(bwd)
         jax.block_until_ready((jf(x), jb(g, x)))
 
-        def jfb():
-            jf(x)
-            return jb(g, x)
+        def jfb():  # both results: the forward is an independent asynchronous call
+            return jf(x), jb(g, x)
 
         return _blocking({"fwd": lambda: jf(x), "bwd": lambda: jb(g, x), "f+b": jfb})
     import torch
@@ -161,12 +160,14 @@ def _compiled(name, shape, layout, backend, xp, x, g):
         # recompile of one function, up to its limit of 8), under the thread count it is
         # timed with (dynamo guards on it)
         torch.compiler.reset()
+        threads = torch.get_num_threads()
         if backend == "torch":
             torch.set_num_threads(1)
         cf = torch.compile(fwd, fullgraph=True, dynamic=False)
         cb = torch.compile(bwd, fullgraph=True, dynamic=False)
         cf(x)
         cb(g, x)
+        torch.set_num_threads(threads)
 
     def fb():
         cf(x)
@@ -483,7 +484,7 @@ def _case(args, np, torch, default_threads, rng, label, shape, dname, lname) -> 
 
         for threads, key in ((1, "torch 1 thread"), (default_threads, "torch default")):
             if key == "torch default" and threads == 1:
-                return rows
+                continue  # the same contender as "torch 1 thread" (one core)
 
             def with_threads(f, threads=threads):
                 def call():
@@ -686,10 +687,11 @@ def _pin_numpy_blas() -> Callable[[], tuple[str, Callable[[], None]]]:
 
     The targets compare single-threaded kernels, and anynorm's NumPy sums go through
     ``matmul`` (BLAS), which would otherwise use every core. Call before NumPy is imported:
-    it sets ``OPENBLAS_NUM_THREADS=1`` unless the caller set it (NumPy's wheels use
-    OpenBLAS). The returned callable, called after the import, also limits the BLAS through
-    ``threadpoolctl`` when that is installed (MKL builds, NumPy imported already) and
-    returns what is in effect and a callable that restores the previous limits.
+    it sets ``OPENBLAS_NUM_THREADS=1`` (NumPy's wheels use OpenBLAS). The returned callable,
+    called after the import, also limits the BLAS through ``threadpoolctl`` when that is
+    installed (MKL builds, NumPy imported already), and returns what is in effect (read
+    back from the libraries when it can) and a callable that restores the previous limits
+    and environment. A caller's own ``OPENBLAS_NUM_THREADS`` is respected (and reported).
     ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` are left alone: torch reads them for its
     default thread count, which is a contender of its own.
     """
@@ -697,8 +699,12 @@ def _pin_numpy_blas() -> Callable[[], tuple[str, Callable[[], None]]]:
 
     preset = os.environ.get("OPENBLAS_NUM_THREADS")
     imported = "numpy" in sys.modules
-    if preset is None and not imported:
+    if preset is None:
         os.environ["OPENBLAS_NUM_THREADS"] = "1"
+
+    def restore_env() -> None:
+        if preset is None:
+            os.environ.pop("OPENBLAS_NUM_THREADS", None)
 
     def after() -> tuple[str, Callable[[], None]]:
         try:
@@ -710,15 +716,23 @@ def _pin_numpy_blas() -> Callable[[], tuple[str, Callable[[], None]]]:
                 text = "NumPy BLAS threads NOT pinned (install threadpoolctl)"
             else:
                 text = "NumPy BLAS: 1 thread (OPENBLAS_NUM_THREADS=1)"
-            return text, lambda: None
-        limits = threadpool_limits(limits=1, user_api="blas")
+            return text, restore_env
+        limits = None if preset is not None else threadpool_limits(limits=1, user_api="blas")
         libs = [
             f"{i['internal_api']} {i['num_threads']}"
             for i in threadpool_info()
             if i["user_api"] == "blas"
         ]
         text = "NumPy BLAS threads: " + (", ".join(libs) or "no BLAS loaded")
-        return text, limits.restore_original_limits
+        if preset is not None:
+            text += f" (OPENBLAS_NUM_THREADS={preset} set by the caller)"
+
+        def restore() -> None:
+            if limits is not None:
+                limits.restore_original_limits()
+            restore_env()
+
+        return text, restore
 
     return after
 
@@ -748,18 +762,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time the functional forms under torch.compile on the torch backends "
         "(inductor; needs a C++ compiler on CPU; each case compiles for ~10-30 s first) "
-        "and under jax.jit on jax",
+        "and under jax.jit on jax; their backward recomputes the statistics",
     )
     parser.add_argument("--out", default=os.path.join("benchmarks", "out"))
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    blas = _pin_numpy_blas()
+    pinned = _pin_numpy_blas()
     try:
         import numpy  # noqa: F401
     except ImportError:
+        pinned()[1]()
         print('anynorm bench needs NumPy: pip install "anynorm[numpy]"', file=sys.stderr)
         return 2
-    blas, restore = blas()
+    blas, restore = pinned()
     try:
         return _main(args, blas)
     finally:

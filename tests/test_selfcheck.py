@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import anynorm
@@ -112,30 +114,130 @@ def test_bench_runs_and_writes_table_and_plot(tmp_path, capsys):
         "--out",
         str(tmp_path),
     ]
-    threadpoolctl = pytest.importorskip("threadpoolctl", reason="reads the BLAS thread count")
-
-    def blas_threads():
-        info = threadpoolctl.threadpool_info()
-        return {i["filepath"]: i["num_threads"] for i in info if i["user_api"] == "blas"}
-
-    before = blas_threads()
     assert _selfcheck.main(argv) == 0
     out = capsys.readouterr().out
-    # NumPy's BLAS (anynorm's matmul sums) ran on one thread, like torch's 1-thread
-    # contender, and the process's limits are back afterwards
-    head = out.splitlines()[0]
-    assert re.search(r"NumPy BLAS threads: \w+ 1(, \w+ 1)*$", head), head
-    assert blas_threads() == before
     assert "| BatchNorm | (64, 4096) | float32 | anynorm[numpy] |" in out
     assert "naive numpy" in out
     assert (tmp_path / "bench.md").read_text().count("| L2Norm |") >= 3  # ours, naive, torch
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
+def test_bench_pins_numpy_blas_to_one_thread(tmp_path, capsys, monkeypatch):
+    """NumPy's BLAS (anynorm's matmul sums) runs on one thread during the bench, like
+    torch's 1-thread contender, and the process's limits and environment are back after."""
+    threadpoolctl = pytest.importorskip("threadpoolctl", reason="sets and reads BLAS threads")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+
+    def blas_threads():
+        info = threadpoolctl.threadpool_info()
+        return {i["filepath"]: i["num_threads"] for i in info if i["user_api"] == "blas"}
+
+    argv = ["bench", "--quick", "--layers", "L2Norm", "--shapes", "4096", "--backends"]
+    argv += ["numpy", "--reps", "1", "--warmup", "0", "--quiet", "--out", str(tmp_path)]
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):  # even on 1 core
+        before = blas_threads()
+        assert before and set(before.values()) == {2}, before
+        assert _selfcheck.main(argv) == 0
+        assert blas_threads() == before
+    assert "OPENBLAS_NUM_THREADS" not in os.environ
+    head = capsys.readouterr().out.splitlines()[0]
+    assert re.search(r"NumPy BLAS threads: \w+ 1(, \w+ 1)*$", head), head
+
+
+def test_bench_on_one_torch_thread_still_times(tmp_path, capsys):
+    """Where torch's default is one thread (a 1-core machine) the "torch default" contender
+    is the "torch 1 thread" one: it is left out, and everything else is still timed (the
+    case used to return no rows at all)."""
+    torch = pytest.importorskip("torch", reason="the reference contender is torch")
+    threads = torch.get_num_threads()
+    argv = ["bench", "--quick", "--layers", "L2Norm", "--shapes", "4096", "--reps", "1"]
+    argv += ["--warmup", "0", "--quiet", "--out", str(tmp_path)]
+    torch.set_num_threads(1)
+    try:
+        assert _selfcheck.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for contender in ("anynorm[numpy]", "anynorm[torch]", "torch 1 thread"):
+        assert f"| L2Norm | (64, 4096) | float32 | {contender} |" in out, contender
+    assert "torch default" not in out
+
+
+def _has_cxx() -> bool:
+    return shutil.which("c++") is not None or shutil.which("g++") is not None
+
+
+def test_bench_compiled_torch_contender_is_compiled_and_right(monkeypatch):
+    """The ``--compile`` contender really runs ``torch.compile(fullgraph=True)`` output,
+    and that output equals torch's own layer norm and its autograd gradients (float64)."""
+    torch = pytest.importorskip("torch", reason="the compiled contender runs on torch tensors")
+    if not _has_cxx():
+        pytest.skip("torch.compile's CPU backend (inductor) needs a C++ compiler")
+    from anynorm import _bench, _compat
+
+    calls, real = [], torch.compile
+
+    def spy(fn, **options):
+        calls.append(options)
+        return real(fn, **options)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.standard_normal((8, 64)) * 3 + 1)
+    g = torch.from_numpy(rng.standard_normal((8, 64)))
+    xp = _compat.namespace_of(torch)
+    phases = _bench._compiled("LayerNorm", (8, 64), "NC", "torch", xp, x, g)
+    assert [c.get("fullgraph") for c in calls] == [True, True]
+    y = phases["fwd"]()
+    dx, dw, db = phases["bwd"]()
+    xt = x.clone().requires_grad_(True)
+    w = torch.ones(64, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(64, dtype=torch.float64, requires_grad=True)
+    yt = torch.nn.functional.layer_norm(xt, (64,), w, b)
+    yt.backward(g)
+    for got, want in ((y, yt), (dx, xt.grad), (dw, w.grad), (db, b.grad)):
+        assert got.dtype == torch.float64 and got.shape == want.shape
+        np.testing.assert_allclose(got.numpy(), want.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_bench_jitted_jax_contender_is_jitted_and_right(monkeypatch):
+    """The ``--compile`` contender on jax runs ``jax.jit`` output, equal to jax.vjp through
+    a textbook RMS norm (float64)."""
+    jax = pytest.importorskip("jax", reason="the jitted contender runs on jax arrays")
+    from anynorm import _bench
+
+    calls, real = [], jax.jit
+
+    def spy(fn, *args, **options):
+        calls.append(fn)
+        return real(fn, *args, **options)
+
+    monkeypatch.setattr(jax, "jit", spy)
+    rng = np.random.default_rng(4)
+    xp, x, g, _ = _bench._backend_arrays(
+        "jax", rng.standard_normal((8, 64)) + 2, rng.standard_normal((8, 64))
+    )
+    phases = _bench._compiled("RMSNorm", (8, 64), "NC", "jax", xp, x, g)
+    assert len(calls) == 2
+    y = phases["fwd"]()
+    dx, dw = phases["bwd"]()
+    jnp = jax.numpy
+    eps = float(np.finfo(np.float64).eps)
+
+    def textbook(x, w):
+        return w * x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+    want_y, vjp = jax.vjp(textbook, x, jnp.ones(64, dtype=jnp.float64))
+    want_dx, want_dw = vjp(g)
+    for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw)):
+        assert got.dtype == jnp.float64 and got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-12)
+
+
 def test_bench_compile_contender(tmp_path, capsys):
     """``--compile`` adds the functional forms under torch.compile (inductor) as a row."""
     pytest.importorskip("torch", reason="the compiled contender runs on torch tensors")
-    if shutil.which("c++") is None and shutil.which("g++") is None:
+    if not _has_cxx():
         pytest.skip("torch.compile's CPU backend (inductor) needs a C++ compiler")
     argv = ["bench", "--quick", "--compile", "--layers", "L2Norm", "--shapes", "4096"]
     argv += ["--backends", "torch", "--reps", "1", "--warmup", "0", "--quiet"]
