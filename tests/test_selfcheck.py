@@ -167,7 +167,9 @@ def _has_cxx() -> bool:
     return shutil.which("c++") is not None or shutil.which("g++") is not None
 
 
-def test_bench_compiled_torch_contender_is_compiled_and_right(monkeypatch):
+@pytest.mark.backends("torch")  # runs once, in the tests-torch session
+@pytest.mark.dtypes("float64")
+def test_bench_compiled_torch_contender_is_compiled_and_right(bk, monkeypatch):
     """The ``--compile`` contender really runs ``torch.compile(fullgraph=True)`` output,
     and that output equals torch's own layer norm and its autograd gradients (float64)."""
     torch = pytest.importorskip("torch", reason="the compiled contender runs on torch tensors")
@@ -200,7 +202,9 @@ def test_bench_compiled_torch_contender_is_compiled_and_right(monkeypatch):
         np.testing.assert_allclose(got.numpy(), want.detach().numpy(), rtol=1e-10, atol=1e-12)
 
 
-def test_bench_jitted_jax_contender_is_jitted_and_right(monkeypatch):
+@pytest.mark.backends("jax")  # runs once, in the tests-jax session
+@pytest.mark.dtypes("float64")
+def test_bench_jitted_jax_contender_is_jitted_and_right(bk, monkeypatch):
     """The ``--compile`` contender on jax runs ``jax.jit`` output, equal to jax.vjp through
     a textbook RMS norm (float64)."""
     jax = pytest.importorskip("jax", reason="the jitted contender runs on jax arrays")
@@ -234,7 +238,9 @@ def test_bench_jitted_jax_contender_is_jitted_and_right(monkeypatch):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-12)
 
 
-def test_bench_compile_contender(tmp_path, capsys):
+@pytest.mark.backends("torch")
+@pytest.mark.dtypes("float32")
+def test_bench_compile_contender(bk, tmp_path, capsys):
     """``--compile`` adds the functional forms under torch.compile (inductor) as a row."""
     pytest.importorskip("torch", reason="the compiled contender runs on torch tensors")
     if not _has_cxx():
