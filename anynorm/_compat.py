@@ -6,6 +6,8 @@ array API standard it papers over. Layer math never imports numpy, torch, cupy, 
 
 from __future__ import annotations
 
+import contextvars
+import functools
 from typing import Any
 
 import array_api_compat
@@ -74,8 +76,65 @@ def inplace_ok(a: Array) -> bool:
     (an in-place op there can invalidate a tensor saved for torch's backward). The standard
     has in-place operators but no way to ask whether using them is safe."""
     if is_torch_array(a):
-        return not a.requires_grad
+        import torch
+
+        if torch.compiler.is_compiling():  # functionalized by the compiler
+            return not a.requires_grad
+        return not a.requires_grad and not _RECORDING.get()
     return array_api_compat.is_writeable_array(a)
+
+
+#: set while a function decorated with :func:`autograd_safe` runs on torch tensors that
+#: autograd records: no in-place writes at all then (see :func:`records_autograd`)
+_RECORDING = contextvars.ContextVar("anynorm_autograd_recording", default=False)
+
+
+def autograd_safe(fn):
+    """Decorator: while ``fn`` runs on torch tensors that autograd records (grad mode on,
+    one argument requires grad), :func:`inplace_ok` says no to every array. A temporary that
+    does not require grad itself may still have been saved for the backward of an
+    operation with one that does (``g·d`` saves ``d``); writing it afterwards would make
+    torch raise at the (double) backward. Costs nothing elsewhere."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        arrays = [a for a in (*args, *kwargs.values()) if is_torch_array(a)]
+        if not arrays:
+            return fn(*args, **kwargs)
+        import torch
+
+        if torch.compiler.is_compiling() or _RECORDING.get() or not records_autograd(*arrays):
+            return fn(*args, **kwargs)
+        token = _RECORDING.set(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _RECORDING.reset(token)
+
+    return wrapper
+
+
+def records_autograd(*arrays: Array) -> bool:
+    """Does torch's autograd record operations on these arrays (grad mode on and one of them
+    requires grad)? Then every operand of such an operation may be saved for its backward,
+    even one that does not require grad itself (``g·d`` saves ``d`` for ``∂/∂g``), and must
+    not be written in place afterwards: torch would raise at the backward (double
+    backward through anynorm's explicit backward). Always False outside torch."""
+    if not arrays or not is_torch_array(arrays[0]):
+        return False
+    import torch
+
+    return torch.is_grad_enabled() and any(
+        a is not None and is_torch_array(a) and a.requires_grad for a in arrays
+    )
+
+
+def copy(xp: Namespace, a: Array) -> Array:
+    """A copy of ``a`` that never aliases it. On torch ``clone`` (differentiable; torch 2.13's
+    ``asarray(copy=True)`` warns about its changed ``requires_grad`` default)."""
+    if is_torch_array(a):
+        return a.clone()
+    return xp.asarray(a, copy=True)
 
 
 def same_device(a: Any, b: Any) -> bool:

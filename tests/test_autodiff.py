@@ -95,6 +95,106 @@ def test_torch_autograd_equals_explicit_backward(bk, rng, name):
     bk.close(dx, bk.to_numpy(x.grad), what="dx vs autograd")
 
 
+#: name -> (explicit backward(dy, x, w?) -> tuple, shape of x, weight shape or None): every
+#: backward path (batch statistics and frozen, channels-first and channels-last, the
+#: LayerNorm/RMSNorm row form and the general form on a non-contiguous input)
+DOUBLE = {
+    "batch_norm": (lambda g, x, w: F.batch_norm_backward(g, x, w), (4, 6, 5), (6,)),
+    "batch_norm_nhwc": (lambda g, x, w: F.batch_norm_backward(g, x, w, axis=-1), (4, 5, 6), (6,)),
+    "batch_norm_frozen": (
+        lambda g, x, w: F.batch_norm_backward(g, x, w, mean=g[0, :, 0] * 0, var=w * w),
+        (4, 6, 5),
+        (6,),
+    ),
+    "group_norm": (lambda g, x, w: F.group_norm_backward(g, x, 3, w), (3, 6, 5), (6,)),
+    "group_norm_nhwc": (
+        lambda g, x, w: F.group_norm_backward(g, x, 3, w, axis=-1),
+        (3, 5, 6),
+        (6,),
+    ),
+    "instance_norm": (lambda g, x, w: F.instance_norm_backward(g, x, w), (3, 6, 5), (6,)),
+    "layer_norm_rows": (lambda g, x, w: F.layer_norm_backward(g, x, w), (6, 7), (7,)),
+    "layer_norm_2axes": (
+        lambda g, x, w: F.layer_norm_backward(g, x, w, axis=(-2, -1)),
+        (3, 4, 5),
+        (4, 5),
+    ),
+    "layer_norm_strided": (
+        lambda g, x, w: F.layer_norm_backward(g.mT, x.mT, w),
+        (3, 7, 4),
+        (7,),
+    ),
+    "rms_norm_rows": (lambda g, x, w: F.rms_norm_backward(g, x, w), (6, 7), (7,)),
+    "rms_norm_2axes": (
+        lambda g, x, w: F.rms_norm_backward(g, x, w, axis=(-2, -1)),
+        (3, 4, 5),
+        (4, 5),
+    ),
+    "l2": (lambda g, x: F.l2_normalize_backward(g, x, axis=1), (4, 6, 5), None),
+    "l1": (lambda g, x: F.l1_normalize_backward(g, x), (4, 6, 5), None),
+    "lp3": (lambda g, x: F.lp_normalize_backward(g, x, 3.0, axis=(1, 2)), (4, 6, 5), None),
+    "lrn": (lambda g, x: F.local_response_norm_backward(g, x, 3, alpha=0.2), (4, 6, 5), None),
+}
+
+
+@pytest.mark.backends("torch")
+@pytest.mark.dtypes("float64")
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("name", list(DOUBLE))
+def test_torch_double_backward_matches_finite_differences(bk, rng, name):
+    """Autograd through the explicit backward (double backward: gradient penalties,
+    Hessian-vector products) equals central finite differences, whichever of ``dy``, ``x``
+    and ``weight`` require grad: a tensor that autograd saved must never be written in
+    place afterwards (torch raises), and no warning may leak to the user."""
+    import itertools
+
+    import torch
+
+    fn, shape, wshape = DOUBLE[name]
+    inputs = [rng.standard_normal(shape), rng.standard_normal(shape)]
+    if wshape is not None:
+        inputs.append(rng.uniform(0.5, 1.5, wshape))
+    for mask in itertools.product((False, True), repeat=len(inputs)):
+        if not any(mask):
+            continue
+        args = [bk.asarray(a).requires_grad_(m) for a, m in zip(inputs, mask, strict=True)]
+        outs = _as_tuple(fn(*args))
+        for out in outs:
+            assert out.dtype == torch.float64 and out.device == args[0].device, (name, mask)
+        assert tuple(outs[0].shape) == tuple(args[1].mT.shape if "strided" in name else shape)
+        assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6, rtol=1e-5), (name, mask)
+        for a, keep in zip(args, inputs, strict=True):  # nothing the caller passed changed
+            np.testing.assert_array_equal(bk.to_numpy(a), keep, err_msg=f"{name} {mask}")
+
+
+@pytest.mark.backends("torch")
+@pytest.mark.dtypes("float64")
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("name", list(CASES))
+def test_torch_forward_gradients_with_any_inputs_requiring_grad(bk, rng, name):
+    """Autograd through the forward equals finite differences for every subset of
+    ``x``, ``weight`` and ``bias`` requiring grad (temporaries that do not require grad
+    themselves are combined with ones that do)."""
+    import itertools
+
+    import torch
+
+    fwd, _, n = CASES[name]
+    w, b = _params(bk, n)
+    base = [bk.asarray(rng.standard_normal(SHAPE))] + ([] if n is None else [w, b])
+    for mask in itertools.product((False, True), repeat=len(base)):
+        if not any(mask):
+            continue
+        args = [a.detach().clone().requires_grad_(m) for a, m in zip(base, mask, strict=True)]
+
+        def f(*a):
+            return fwd(a[0], *(a[1:] if n is not None else (None, None)))
+
+        out = f(*args)
+        bk.check(out, SHAPE, what=f"{name} {mask}")
+        assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-5), (name, mask)
+
+
 @pytest.mark.backends("jax")
 @pytest.mark.dtypes("float64", "float32")
 @pytest.mark.parametrize("name", list(CASES))

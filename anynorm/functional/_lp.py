@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from .. import _validation as V
-from .._compat import compute_dtype
+from .._compat import autograd_safe, compute_dtype
 from ._moments import _imul, _isub, as_compute, sum_prod
 
 Array = Any
@@ -61,6 +61,7 @@ def lp_forward(x: Array, p: float, axes: tuple[int, ...], eps: float, *, xp: Any
     return as_compute(y, x.dtype, xp=xp), norm
 
 
+@autograd_safe
 def lp_backward(
     dy: Array, x: Array, norm: Array, p: float, axes: tuple[int, ...], eps: float, *, xp: Any
 ) -> Array:

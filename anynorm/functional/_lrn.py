@@ -16,7 +16,7 @@ import math
 from typing import Any
 
 from .. import _validation as V
-from .._compat import compute_dtype, device, inplace_ok
+from .._compat import autograd_safe, compute_dtype, device, inplace_ok
 from ._moments import _imul, _isub, as_compute
 
 Array = Any
@@ -100,6 +100,7 @@ def _lrn_y(x: Array, size: int, alpha: float, beta: float, k: float, axis: int, 
     return _imul(_ipow(d, -beta), xc)
 
 
+@autograd_safe
 def lrn_forward(
     x: Array, size: int, alpha: float, beta: float, k: float, axis: int, *, xp: Any
 ) -> Array:
@@ -156,6 +157,7 @@ def _lrn_grad(
     return _isub(dx, _imul(back, xc))
 
 
+@autograd_safe
 def lrn_backward(
     dy: Array,
     x: Array,

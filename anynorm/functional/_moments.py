@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .._compat import blas_sums, device, inplace_ok, vecdot_last
+from .._compat import autograd_safe, blas_sums, copy, device, inplace_ok, vecdot_last
 
 Array = Any
 
@@ -50,7 +50,7 @@ def _sum(a: Array, axes: tuple[int, ...], *, xp: Any) -> Array:
     summed by ``matmul`` with a ones vector (``(B, M) @ 1`` or ``1ᵀ @ (B, M, K)``: one BLAS
     pass, no temporaries) and the small remainder by ``sum``."""
     if not axes:
-        return xp.asarray(a, copy=True)
+        return copy(xp, a)
     if a.dtype not in (xp.float32, xp.float64) or not blas_sums(xp, a):
         return xp.sum(a, axis=axes, keepdims=True)
     shape = [int(s) for s in a.shape]
@@ -224,6 +224,7 @@ def _small_product(x: Array, *vectors: Array) -> bool:
     return 8 * size <= _size(x, tuple(range(len(x.shape))))
 
 
+@autograd_safe
 def standardize(
     x: Array,
     mean: Array | None,
@@ -260,6 +261,7 @@ def standardize(
     return as_compute(y, x.dtype, xp=xp)
 
 
+@autograd_safe
 def standardize_backward(
     dy: Array,
     x: Array,
