@@ -337,3 +337,33 @@ def blas_sums(xp: Namespace, a: Array) -> bool:
         raw = getattr(a, "_array", None)
         return raw is not None and bool(raw.flags.c_contiguous)
     return False
+
+
+def block_dot_sums(xp: Namespace, a: Array, b: Array, block: int) -> Array | None:
+    """Block partial sums of ``a·b`` over axis 1 of ``(B, M, K)`` arrays: shape
+    ``(B, ceil(M/block), K)``, each entry the sum over ``block`` consecutive ``M`` values
+    (the last block shorter). None where this backend has no fast way.
+
+    The array API standard can only form the product (one full-size temporary) and then
+    sum it. NumPy's ``einsum("bnmk,bnmk->bnk")`` fuses the two, reading each operand once:
+    on ``(1, 100352, 64)`` float32, one thread, 2.1 ms against 8.3 ms for product plus BLAS
+    sum (float64 9 against 23.5 ms). Unblocked, einsum accumulates sequentially along
+    ``M`` (relative error 2.9e-5 at ``M = 1e5`` float32); in blocks of 128 it is 4.4e-7,
+    better than the product plus BLAS sum (3.4e-6). NumPy C-contiguous float32/float64
+    only."""
+    if not (is_numpy_namespace(xp) and a.dtype == b.dtype and a.dtype in (xp.float32, xp.float64)):
+        return None
+    if not (a.flags.c_contiguous and b.flags.c_contiguous):
+        return None
+    import numpy as np  # only reached with NumPy arrays
+
+    lead, m, k = (int(s) for s in a.shape)
+    nb = m // block
+    parts = []
+    if nb:
+        full = (lead, nb, block, k)
+        head_a, head_b = a[:, : nb * block].reshape(full), b[:, : nb * block].reshape(full)
+        parts.append(np.einsum("bnmk,bnmk->bnk", head_a, head_b))
+    if m > nb * block:
+        parts.append(np.einsum("bmk,bmk->bk", a[:, nb * block :], b[:, nb * block :])[:, None])
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)

@@ -401,6 +401,62 @@ def test_strided_input_matches_torch(bk, rng, torch_oracle, name):
     _compare(bk, (y, dx, dict(layer.grads)), want)
 
 
+#: name -> (layer, torch functional, input shape, channels_last): sums of products over
+#: 150-300 values along leading/middle axes with >= 16 kept values after them: NumPy's
+#: blocked einsum path (``_compat.block_dot_sums``, blocks of 128 plus a remainder)
+LONG = {
+    "BatchNorm NHWC": ("BatchNorm", (3, 10, 9, 16), True),
+    "BatchNorm 2-D": ("BatchNorm", (300, 16), False),
+    "GroupNorm NHWC": ("GroupNorm", (2, 15, 10, 24), True),
+    "InstanceNorm NHWC": ("InstanceNorm", (2, 15, 10, 16), True),
+}
+
+
+@pytest.mark.parametrize("case", list(LONG))
+def test_long_leading_reductions_match_torch(bk, rng, torch_oracle, case):
+    """Reductions over more values than one block of the blocked sum of products, with a
+    remainder block, against torch's float64 autograd (y, dx, dweight, dbias)."""
+    torch = torch_oracle
+    name, shape, channels_last = LONG[case]
+    make, tfn, _ = _strided_cases(torch)[name]
+    c = shape[-1] if channels_last else shape[1]
+    x_np, g_np = _data(rng, shape), rng.standard_normal(shape)
+    x, g = bk.asarray(x_np), bk.asarray(g_np)
+    layer = make(c) if channels_last else an.BatchNorm(c, eps=EPS)
+    p64 = _load_random_params(bk, rng, layer, x, name, c)
+    before = _snapshot(bk, {"x": x, "dy": g})
+    y = layer.forward(x)
+    dx = layer.backward(g)
+    bk.check(y, shape, what="y")
+    bk.check(dx, shape, what="dx")
+    _assert_unchanged(bk, {"x": x, "dy": g}, before)
+    for k in p64:
+        bk.check(layer.grads[k], (c,), dtype=bk.param_dtype, what=f"grads[{k!r}]")
+    want = _torch_fn_vjp(bk, torch, tfn, p64, x_np, g_np, channels_last)
+    _compare(bk, (y, dx, dict(layer.grads)), want)
+
+
+def test_long_channel_axis_l2_normalize_matches_torch(bk, rng, torch_oracle):
+    """L2 over axis 1 of NCHW with 150 channels and 20 values after them (the blocked sum
+    of products on NumPy) against ``torch.nn.functional.normalize`` in float64."""
+    torch = torch_oracle
+    shape = (2, 150, 4, 5)
+    x_np, g_np = _data(rng, shape), rng.standard_normal(shape)
+    x, g = bk.asarray(x_np), bk.asarray(g_np)
+    y = AF.l2_normalize(x, axis=1)
+    dx = AF.l2_normalize_backward(g, x, axis=1)
+    bk.check(y, shape, what="y")
+    bk.check(dx, shape, what="dx")
+    want_y, want_dx, _ = _torch_vjp(
+        torch,
+        lambda t: torch.nn.functional.normalize(t, dim=1),
+        bk.round(x_np),
+        bk.round(g_np),
+    )
+    bk.close(y, want_y, what="y")
+    bk.close(dx, want_dx, what="dx")
+
+
 @pytest.mark.backends("torch")
 @pytest.mark.dtypes("float32")
 @pytest.mark.parametrize("name", ["BatchNorm", "GroupNorm", "LayerNorm"])
