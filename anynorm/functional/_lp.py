@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from .. import _validation as V
-from .._compat import autograd_safe, compute_dtype
+from .._compat import add_product, autograd_safe, compute_dtype
 from ._moments import _imul, _isub, as_compute, sum_prod
 
 Array = Any
@@ -80,7 +80,7 @@ def lp_backward(
     coef = xp.where(norm > eps, dot * inv * inv, xp.zeros_like(dot))
     if p == 2.0:
         # (g − x·coef)·inv
-        return as_compute(_isub(g * inv, xc * (coef * inv)), x.dtype, xp=xp)
+        return as_compute(add_product(xp, g * inv, xc, -(coef * inv)), x.dtype, xp=xp)
     # dx = g·inv − sign(x)·term
     if p == 1.0:
         term = coef

@@ -36,6 +36,7 @@ import math
 from typing import Any
 
 from .._compat import (
+    add_product,
     autograd_safe,
     blas_sums,
     block_dot_sums,
@@ -376,9 +377,10 @@ def standardize_backward(
                 s_a, s_c = _sum(s_a, vary, xp=xp), _sum(s_c, vary, xp=xp)
             m = -(istd * istd * s_c) / m_count
             n = istd * s_a / m_count
-            dx = _iadd(g * k, xc * widen(m, xc, xp=xp))
+            dx = g * k
             if mean is not None:
                 dx = _isub(dx, widen(n + m * mean, xc, xp=xp))
+            dx = add_product(xp, dx, xc, widen(m, xc, xp=xp))
         if param_axes is not None:
             rest = tuple(a for a in param_axes if a not in sub)
             dweight = _sum(c_sum, rest, xp=xp)
@@ -479,7 +481,7 @@ def _rows_backward(
     del p
     m = -(s * s * s_c) / m_count
     dx = _imul(g2 * gam, s[:, None])
-    dx = _iadd(dx, d * m[:, None] if mean is None else _imul(d, m[:, None]))  # d is x for RMS
     if mean is not None:
         dx = _isub(dx, (s * (g2 @ gam) / m_count)[:, None])
+    dx = add_product(xp, dx, d, m[:, None], scratch=mean is not None)  # d is x for RMS
     return xp.reshape(dx, shape), dweight, dbias
