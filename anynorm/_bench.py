@@ -163,11 +163,13 @@ def _compiled(name, shape, layout, backend, xp, x, g):
         threads = torch.get_num_threads()
         if backend == "torch":
             torch.set_num_threads(1)
-        cf = torch.compile(fwd, fullgraph=True, dynamic=False)
-        cb = torch.compile(bwd, fullgraph=True, dynamic=False)
-        cf(x)
-        cb(g, x)
-        torch.set_num_threads(threads)
+        try:
+            cf = torch.compile(fwd, fullgraph=True, dynamic=False)
+            cb = torch.compile(bwd, fullgraph=True, dynamic=False)
+            cf(x)
+            cb(g, x)
+        finally:
+            torch.set_num_threads(threads)
 
     def fb():
         cf(x)
@@ -545,11 +547,35 @@ def run(args: argparse.Namespace) -> list[Row]:
     progress = _Progress(len(cases), args.quiet)
     rng = np.random.default_rng(0)
     default_threads = torch.get_num_threads() if torch is not None else 1
-    for label, shape, dname, lname in cases:
-        progress.step(f"{lname} {label} {dname}")
-        rows += _case(args, np, torch, default_threads, rng, label, shape, dname, lname)
+    x64 = _jax_x64()
+    try:
+        for label, shape, dname, lname in cases:
+            progress.step(f"{lname} {label} {dname}")
+            rows += _case(args, np, torch, default_threads, rng, label, shape, dname, lname)
+    finally:
+        x64()
     progress.close()
     return rows
+
+
+def _jax_x64() -> Callable[[], None]:
+    """A function that puts JAX's ``jax_enable_x64`` back as it is now (the jax cases turn
+    it on, a process-wide setting, so that float64 stays float64)."""
+    import os
+
+    jax = sys.modules.get("jax")
+    if jax is None:  # the value jax will start with when the bench imports it
+        env = os.environ.get("JAX_ENABLE_X64", "").strip().lower()
+        before = env in ("1", "true", "t", "yes", "y", "on")
+    else:
+        before = bool(jax.config.read("jax_enable_x64"))
+
+    def restore() -> None:
+        now = sys.modules.get("jax")
+        if now is not None:
+            now.config.update("jax_enable_x64", before)
+
+    return restore
 
 
 def _backend_arrays(backend: str, x_np: Any, g_np: Any):

@@ -371,8 +371,9 @@ def block_dot_sums(xp: Namespace, a: Array, b: Array, block: int) -> Array | Non
 
 def _torch_fused_ok(a: Array, *others: Array) -> bool:
     """May ``a`` (a torch tensor) be updated in place by a fused elementwise op on
-    ``others`` (``a.addcmul_(...)``)? When :func:`inplace_ok` says so, outside ``torch.compile`` (which fuses on its own), and
-    when ``a`` already has the broadcast shape."""
+    ``others`` (``a.addcmul_(...)``)? When :func:`inplace_ok` says so, outside
+    ``torch.compile`` (which fuses on its own), and when ``a`` already has the broadcast
+    shape."""
     import torch
 
     if torch.compiler.is_compiling() or not inplace_ok(a):

@@ -238,6 +238,25 @@ def test_bench_jitted_jax_contender_is_jitted_and_right(bk, monkeypatch):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.backends("jax")  # runs once, in the tests-jax session
+@pytest.mark.dtypes("float32")
+def test_bench_leaves_jax_x64_as_it_found_it(bk, tmp_path, capsys):
+    """The jax cases switch on ``jax_enable_x64`` (process-wide) for their float64 rows;
+    the bench puts it back, whichever way it was."""
+    jax = pytest.importorskip("jax", reason="the jax bench backend runs on jax arrays")
+    argv = ["bench", "--quick", "--layers", "L2Norm", "--shapes", "4096", "--backends", "jax"]
+    argv += ["--reps", "1", "--warmup", "0", "--quiet", "--out", str(tmp_path)]
+    start = bool(jax.config.read("jax_enable_x64"))
+    try:
+        for value in (False, True):
+            jax.config.update("jax_enable_x64", value)
+            assert _selfcheck.main(argv) == 0
+            assert bool(jax.config.read("jax_enable_x64")) is value
+            assert "| L2Norm | (64, 4096) | float32 | anynorm[jax] |" in capsys.readouterr().out
+    finally:
+        jax.config.update("jax_enable_x64", start)
+
+
 @pytest.mark.backends("torch")
 @pytest.mark.dtypes("float32")
 def test_bench_compile_contender(bk, tmp_path, capsys):
