@@ -84,10 +84,10 @@ def _sum(a: Array, axes: tuple[int, ...], *, xp: Any) -> Array:
     pass, no temporaries) and the small remainder by ``sum``."""
     if not axes:
         return copy(xp, a)
-    if a.dtype not in (xp.float32, xp.float64) or not blas_sums(xp, a):
-        return xp.sum(a, axis=axes, keepdims=True)
     shape = [int(s) for s in a.shape]
     axes = tuple(sorted(ax % len(shape) for ax in axes))
+    if a.dtype not in (xp.float32, xp.float64) or not blas_sums(xp, a):
+        return _staged_sum(a, shape, axes, xp=xp)
     start, stop = _main_run(shape, axes)
     m = math.prod(shape[start:stop])
     if m < 8:
@@ -101,6 +101,20 @@ def _sum(a: Array, axes: tuple[int, ...], *, xp: Any) -> Array:
     r = xp.reshape(r, _run_shape(shape, start, stop))
     rest = tuple(ax for ax in axes if not start <= ax < stop)
     return xp.sum(r, axis=rest, keepdims=True) if rest else r
+
+
+def _staged_sum(a: Array, shape: list[int], axes: tuple[int, ...], *, xp: Any) -> Array:
+    """``sum`` over ``axes`` (sorted, keepdims), the largest run of consecutive axes first
+    when they are not one run. GroupNorm channels-last reduces ``(H, W)`` and ``C/G`` of
+    ``(N, H, W, G, C/G)`` at once; ``torch.compile`` then loops per group over ``H·W``
+    strips of ``C/G`` (2) values (48.8 ms for the forward of (32, 56, 56, 64) float32, one
+    thread); summed over ``(H, W)`` first, every pass reads whole contiguous rows."""
+    if len(axes) < 2 or axes[-1] - axes[0] == len(axes) - 1:
+        return xp.sum(a, axis=axes, keepdims=True)
+    start, stop = _main_run(shape, axes)
+    r = xp.sum(a, axis=tuple(range(start, stop)), keepdims=True)
+    rest = tuple(ax for ax in axes if not start <= ax < stop)
+    return xp.sum(r, axis=rest, keepdims=True)
 
 
 def _blocked_sum_prod(a: Array, b: Array, axes: tuple[int, ...], *, xp: Any) -> Array | None:
