@@ -120,13 +120,12 @@ def records_autograd(*arrays: Array) -> bool:
     even one that does not require grad itself (``g·d`` saves ``d`` for ``∂/∂g``), and must
     not be written in place afterwards: torch would raise at the backward (double
     backward through anynorm's explicit backward). Always False outside torch."""
-    if not arrays or not is_torch_array(arrays[0]):
+    tensors = [a for a in arrays if is_torch_array(a)]
+    if not tensors:
         return False
     import torch
 
-    return torch.is_grad_enabled() and any(
-        a is not None and is_torch_array(a) and a.requires_grad for a in arrays
-    )
+    return torch.is_grad_enabled() and any(a.requires_grad for a in tensors)
 
 
 def copy(xp: Namespace, a: Array) -> Array:
@@ -358,6 +357,8 @@ def block_dot_sums(xp: Namespace, a: Array, b: Array, block: int) -> Array | Non
     import numpy as np  # only reached with NumPy arrays
 
     lead, m, k = (int(s) for s in a.shape)
+    if m == 0:
+        return np.zeros((lead, 0, k), dtype=a.dtype)
     nb = m // block
     parts = []
     if nb:
@@ -383,8 +384,8 @@ def _torch_fused_ok(a: Array, *others: Array) -> bool:
 
 
 def add_product(xp: Namespace, acc: Array, a: Array, b: Array, *, scratch: bool = False) -> Array:
-    """``acc + a·b``, written into ``acc`` (a fresh temporary) where :func:`inplace_ok`
-    allows.
+    """``acc + a·b`` for arrays of one (the compute) dtype, written into ``acc`` (a fresh
+    temporary) where :func:`inplace_ok` allows.
 
     The standard has no fused multiply-add: the product is a full-size temporary, then it
     is added. torch has one: ``acc.addcmul_(a, b)`` reads ``a`` and ``acc`` once and

@@ -275,10 +275,15 @@ def _as_tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
 
+def _compiled_fn(torch, fn, **options):
+    """``torch.compile(fn, fullgraph=True, **options)``: a graph break is an error."""
+    return torch.compile(fn, fullgraph=True, **options)
+
+
 def _compiled_call(torch, fn, args, **options):
     """``torch.compile(fn, fullgraph=True, **options)(*args)``: any graph break (a host
     sync, Python branching on values, an untraceable call) is an error."""
-    return torch.compile(fn, fullgraph=True, **options)(*args)
+    return _compiled_fn(torch, fn, **options)(*args)
 
 
 def _compare_compiled(bk, compiled, eager, what):
@@ -324,6 +329,36 @@ def test_torch_compile_fullgraph_matches_eager(bk, rng, name):
     eager = fn(x, g, p)
     compiled = _compiled_call(torch, fn, (x, g, p), backend="aot_eager")
     _compare_compiled(bk, compiled, eager, name)
+
+
+@_quiet_dynamo
+@pytest.mark.backends("torch")
+@pytest.mark.dtypes("float64")
+@pytest.mark.parametrize("name", ["layer_norm_rows", "group_norm", "batch_norm_nhwc"])
+def test_torch_compiled_double_backward_matches_eager(bk, rng, name):
+    """Under ``torch.compile`` anynorm keeps its in-place updates of fresh temporaries even
+    while autograd records (AOTAutograd functionalizes them): autograd through the compiled
+    explicit backward, with ``dy`` and ``x`` requiring grad, equals autograd through the
+    eager one (itself checked against finite differences above)."""
+    import torch
+
+    fn, shape, wshape = DOUBLE[name]
+    r = bk.asarray(rng.standard_normal(shape))
+    w = bk.asarray(rng.uniform(0.5, 1.5, wshape))
+    g0, x0 = rng.standard_normal(shape), rng.standard_normal(shape)
+
+    def loss(g, x):
+        dx, dw, db = fn(g, x, w)
+        return (dx * r).sum() + 0.3 * (dw * dw).sum() + 0.7 * db.sum()
+
+    results = []
+    for f in (loss, _compiled_fn(torch, loss, backend="aot_eager")):
+        g, x = bk.asarray(g0).requires_grad_(True), bk.asarray(x0).requires_grad_(True)
+        out = f(g, x)
+        results.append((out, *torch.autograd.grad(out, (g, x))))
+    for what, c, e in zip(("loss", "d/d dy", "d/d x"), results[1], results[0], strict=True):
+        bk.check(c, tuple(e.shape), what=what)
+        bk.close(c, bk.to_numpy(e.detach()), what=f"{what} compiled vs eager", tol=1e-12)
 
 
 def _has_cxx() -> bool:

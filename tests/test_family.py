@@ -436,6 +436,44 @@ def test_long_leading_reductions_match_torch(bk, rng, torch_oracle, case):
     _compare(bk, (y, dx, dict(layer.grads)), want)
 
 
+@pytest.mark.backends("numpy")
+@pytest.mark.dtypes("float32", "float64")
+@pytest.mark.parametrize("permuted", [False, True], ids=["contiguous", "strided"])
+def test_blocked_sum_of_products_reads_the_callers_memory(bk, rng, monkeypatch, permuted):
+    """The blocked ``einsum`` sums work on views of the operands, never on copies: a
+    channels-last *view* of NCHW memory (whose ``(B, M, K)`` reshape would copy) takes the
+    product-and-sum path instead. Sums over 300 values (two blocks and a remainder)."""
+    from anynorm import _compat
+    from anynorm.functional import _moments
+
+    calls = []
+
+    def spy(xp, a, b, block):
+        calls.append((a, b))
+        return _compat.block_dot_sums(xp, a, b, block)
+
+    monkeypatch.setattr(_moments, "block_dot_sums", spy)
+    shape_cf = (3, 16, 10, 10)
+    a_np, b_np = _data(rng, shape_cf), rng.standard_normal(shape_cf)
+    a, b = bk.asarray(a_np), bk.asarray(b_np)
+    if permuted:
+        a, b = a.transpose(0, 2, 3, 1), b.transpose(0, 2, 3, 1)
+    else:
+        a, b = (
+            np.ascontiguousarray(a.transpose(0, 2, 3, 1)),
+            np.ascontiguousarray(b.transpose(0, 2, 3, 1)),
+        )
+    got = _moments.sum_prod(a, b, (0, 1, 2), xp=bk.xp)
+    want = np.einsum("nhwc,nhwc->c", bk.to_numpy(a), bk.to_numpy(b))
+    bk.check(got, (1, 1, 1, 16), what="Σ a·b")
+    bk.close(got, want.reshape(1, 1, 1, 16), what="Σ a·b")
+    if permuted:
+        assert calls == []
+    else:
+        assert len(calls) == 1
+        assert all(np.shares_memory(v, w) for v, w in zip(calls[0], (a, b), strict=True))
+
+
 def test_long_channel_axis_l2_normalize_matches_torch(bk, rng, torch_oracle):
     """L2 over axis 1 of NCHW with 150 channels and 20 values after them (the blocked sum
     of products on NumPy) against ``torch.nn.functional.normalize`` in float64."""

@@ -118,13 +118,14 @@ def _staged_sum(a: Array, shape: list[int], axes: tuple[int, ...], *, xp: Any) -
 
 
 def _blocked_sum_prod(a: Array, b: Array, axes: tuple[int, ...], *, xp: Any) -> Array | None:
-    """``Σ_axes a·b`` (keepdims) over reduced axes followed by at least ``_SHORT`` kept
-    values (BatchNorm channels-last and 2-D, Group/InstanceNorm channels-last), without a
-    product temporary, where :func:`anynorm._compat.block_dot_sums` can: the largest run
-    ``M`` of reduced axes, on the ``(B, M, K)`` view, in blocks of ``_BLOCK`` along ``M``,
-    then the block partials summed by :func:`_sum`. None where it cannot."""
-    if a.shape != b.shape:
-        return None
+    """``Σ_axes a·b`` (keepdims) without a product temporary, where the largest run ``M`` of
+    reduced axes is followed by at least ``_SHORT`` values (``K``, the axes after it:
+    BatchNorm channels-last and 2-D, Group/InstanceNorm channels-last) and
+    :func:`anynorm._compat.block_dot_sums` can: on the ``(B, M, K)`` view of C-contiguous
+    operands, in blocks of ``_BLOCK`` along ``M``, then the block partials summed by
+    :func:`_sum`. None where it cannot."""
+    if a.shape != b.shape or not (blas_sums(xp, a) and blas_sums(xp, b)):
+        return None  # the (B, M, K) view of a strided array would be a copy
     shape = [int(s) for s in a.shape]
     axes = tuple(sorted(ax % len(shape) for ax in axes))
     start, stop = _main_run(shape, axes)
@@ -143,8 +144,8 @@ def _blocked_sum_prod(a: Array, b: Array, axes: tuple[int, ...], *, xp: Any) -> 
 def sum_prod(a: Array, b: Array, axes: tuple[int, ...], *, xp: Any) -> Array:
     """``Σ_axes a·b`` with keepdims. When the reduced axes end with a run of trailing axes,
     that run goes through ``vecdot`` (one read of each operand, no product temporary); when
-    at least ``_SHORT`` kept values follow them, through :func:`_blocked_sum_prod` where the
-    backend allows (NumPy); otherwise the product is formed and summed."""
+    the last axis is not reduced, through :func:`_blocked_sum_prod` where it applies
+    (NumPy, C-contiguous); otherwise the product is formed and summed."""
     if not axes:
         return a * b
     nd = a.ndim
