@@ -401,12 +401,35 @@ def add_product(xp: Namespace, acc: Array, a: Array, b: Array, *, scratch: bool 
         if _torch_fused_ok(acc, a, b):
             return acc.addcmul_(a, b)
         return torch.addcmul(acc, a, b)
-    if scratch and inplace_ok(a) and tuple(a.shape) == tuple(acc.shape):
-        a *= b
-        prod = a
-    else:
-        prod = a * b
+    prod = _product(a, b, scratch and tuple(a.shape) == tuple(acc.shape))
     if inplace_ok(acc) and tuple(acc.shape) == tuple(prod.shape):
         acc += prod
         return acc
     return acc + prod
+
+
+def product_plus(xp: Namespace, a: Array, b: Array, c: Array, *, scratch: bool = False) -> Array:
+    """``a·b + c`` for arrays of one (the compute) dtype, ``c`` of the result's shape;
+    ``b`` and ``c`` are never written. torch: one fused pass (``addcmul(c, a, b)``, fresh).
+    Elsewhere the product, in ``a``'s own buffer when ``scratch`` says ``a`` is a fresh
+    temporary the caller no longer needs, then ``c`` added in place: one fresh array
+    fewer than ``c + a·b`` when ``c`` is the caller's (Lp backward:
+    ``dx = (g − x·Σ(g·x)/N²)/N``)."""
+    if is_torch_array(a):
+        import torch
+
+        return torch.addcmul(c, a, b)
+    out = _product(a, b, scratch)
+    if inplace_ok(out) and tuple(out.shape) == tuple(c.shape):
+        out += c
+        return out
+    return out + c
+
+
+def _product(a: Array, b: Array, scratch: bool) -> Array:
+    """``a·b``, written into ``a`` when ``scratch`` (a fresh temporary of the result's
+    shape) and :func:`inplace_ok` allow."""
+    if scratch and inplace_ok(a):
+        a *= b
+        return a
+    return a * b

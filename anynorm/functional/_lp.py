@@ -6,8 +6,8 @@ import math
 from typing import Any
 
 from .. import _validation as V
-from .._compat import add_product, autograd_safe, compute_dtype
-from ._moments import _imul, _isub, as_compute, sum_prod
+from .._compat import autograd_safe, compute_dtype, product_plus
+from ._moments import _imul, as_compute, sum_prod
 
 Array = Any
 
@@ -77,21 +77,23 @@ def lp_backward(
     xc = as_compute(x, cdt, xp=xp)
     inv = 1.0 / xp.clip(norm, min=eps)
     dot = sum_prod(g, xc, axes, xp=xp)
-    coef = xp.where(norm > eps, dot * inv * inv, xp.zeros_like(dot))
+    # −Σ(g·x)/N' where N > eps (else the norm is clamped and constant)
+    ncoef = xp.where(norm > eps, -(dot * inv), xp.zeros_like(dot))
     if p == 2.0:
-        # (g − x·coef)·inv
-        return as_compute(add_product(xp, g * inv, xc, -(coef * inv)), x.dtype, xp=xp)
-    # dx = g·inv − sign(x)·term
+        # dx = (g − x·Σ(g·x)/N'²)·inv
+        dx = product_plus(xp, xc, ncoef * inv, g)
+        return as_compute(_imul(dx, inv), x.dtype, xp=xp)
+    # dx = (g − sign(x)·term)·inv
     if p == 1.0:
-        term = coef
+        term = ncoef
     elif math.isinf(p):
         term = xp.astype(xp.abs(xc) == norm, cdt)  # the tied maxima
-        term = _imul(term, coef / xp.clip(xp.sum(term, axis=axes, keepdims=True), min=1.0))
+        term = _imul(term, ncoef / xp.clip(xp.sum(term, axis=axes, keepdims=True), min=1.0))
     else:
         safe = xp.where(norm > 0, norm, xp.ones_like(norm))
-        term = _imul((xp.abs(xc) / safe) ** (p - 1.0), coef)  # not ·(1/safe): denormals
-    term = _imul(xp.sign(xc), term)
-    return as_compute(_isub(g * inv, term), x.dtype, xp=xp)
+        term = _imul((xp.abs(xc) / safe) ** (p - 1.0), ncoef)  # not ·(1/safe): denormals
+    dx = product_plus(xp, xp.sign(xc), term, g, scratch=True)
+    return as_compute(_imul(dx, inv), x.dtype, xp=xp)
 
 
 def lp_normalize(x: Array, p: float = 2.0, axis: Any = -1, eps: float = 1e-12) -> Array:
