@@ -6,6 +6,7 @@ array API standard it papers over. Layer math never imports numpy, torch, cupy, 
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 from typing import Any
@@ -64,8 +65,6 @@ def no_autodiff(xp: Namespace) -> Any:
         import torch
 
         return torch.no_grad()
-    import contextlib
-
     return contextlib.nullcontext()
 
 
@@ -368,6 +367,81 @@ def block_dot_sums(xp: Namespace, a: Array, b: Array, block: int) -> Array | Non
     if m > nb * block:
         parts.append(np.einsum("bmk,bmk->bk", a[:, nb * block :], b[:, nb * block :])[:, None])
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def _loop_core(shape: tuple[int, ...], vshape: tuple[int, ...]) -> int:
+    """The length of the innermost run NumPy's iterator can coalesce for ``x ∘ v``: the
+    product of the trailing axes of ``shape`` (size-1 axes skipped) over which ``vshape``
+    keeps one pattern, broadcast (size 1) or full."""
+    core, pattern = 1, None
+    for s, v in zip(reversed(shape), reversed(vshape), strict=True):
+        if s == 1:
+            continue
+        full = v == s
+        if pattern is None:
+            pattern = full
+        elif full != pattern:
+            break
+        core *= s
+    return core
+
+
+#: NumPy's default ufunc buffer size (elements)
+_NUMPY_BUFSIZE = 8192
+
+
+def numpy_loops(xp: Namespace, shape: Any, *vshapes: Any) -> Any:
+    """A context for elementwise work on NumPy arrays of ``shape`` against broadcast
+    operands of the keepdims shapes ``vshapes`` (None entries and full shapes ignored).
+
+    A performance choice the standard cannot express. NumPy (2.x, up to at least 2.4)
+    buffers a ufunc whose coalesced inner run ("core") is shorter than the ufunc buffer
+    size (8192 elements) when an operand is broadcast along it: it copies every operand,
+    the broadcast one included, through the buffers (numpy/numpy#13307, #32595). On
+    (32, 64, 3136) float32, one thread, ``x *= s`` with a per-channel ``s`` takes 2.4 ms
+    buffered against 1.3 ms unbuffered; with rows of 784 to 8191 elements a buffer size at
+    most the core turns the buffering off. Cores under 512 elements (short rows) gain
+    nothing (they are slower with small buffers), so they are left alone. The buffer size
+    is set inside ``numpy.errstate()``, which restores it on exit (NumPy >= 2: a context
+    variable, thread- and task-local); nothing on other namespaces or on NumPy 1.x."""
+    if not is_numpy_namespace(xp):
+        return contextlib.nullcontext()
+    shape = tuple(int(s) for s in shape)
+    cores = [
+        _loop_core(shape, tuple(int(s) for s in v))
+        for v in vshapes
+        if v is not None and len(v) == len(shape) and tuple(int(s) for s in v) != shape
+    ]
+    core = min(cores, default=0)
+    if not 512 <= core < _NUMPY_BUFSIZE:
+        return contextlib.nullcontext()
+    return _numpy_bufsize(1 << (core.bit_length() - 1))
+
+
+def long_rows(xp: Namespace, a: Array) -> bool:
+    """Should an elementwise operation of ``a`` with a per-feature vector that varies along
+    a short trailing run (channels-last: 64 channels) run on a reshaped view with rows of
+    at least :data:`_NUMPY_BUFSIZE` elements and the vector tiled to match?
+
+    A performance choice the standard cannot express. NumPy buffers such an operation (see
+    :func:`numpy_loops`); with rows of 8192 elements it runs unbuffered: ``y *= s`` on
+    (100352, 64) float32 with a (64,) ``s``, one thread, 2.2 ms against 1.3 ms on the
+    (784, 8192) view with ``s`` tiled 128 times. C-contiguous NumPy arrays only (the
+    reshape must be a view)."""
+    return is_numpy_namespace(xp) and bool(a.flags.c_contiguous)
+
+
+@contextlib.contextmanager
+def _numpy_bufsize(size: int):
+    import numpy as np
+
+    if int(np.__version__.split(".")[0]) < 2:  # errstate does not scope the buffer size
+        yield
+        return
+    with np.errstate():
+        if size < np.getbufsize():
+            np.setbufsize(size)
+        yield
 
 
 def _torch_fused_ok(a: Array, *others: Array) -> bool:

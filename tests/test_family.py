@@ -475,6 +475,134 @@ def test_blocked_sum_of_products_reads_the_callers_memory(bk, rng, monkeypatch, 
         assert all(np.shares_memory(v, w) for v, w in zip(calls[0], (a, b), strict=True))
 
 
+def _loop_cases(torch):
+    """name -> (layer maker, torch functional, input shape, channels_last, path): shapes on
+    which NumPy runs the elementwise work on long-row views with tiled per-feature vectors
+    ("rows": ``_moments._row_plan``) or with a ufunc buffer at most the inner run
+    ("loops": ``_compat.numpy_loops``)."""
+    F = torch.nn.functional
+    bn = (
+        lambda axis: lambda c: an.BatchNorm(c, axis=axis, eps=EPS),
+        lambda t, weight, bias: F.batch_norm(t, None, None, weight, bias, True, 0.1, EPS),
+    )
+    inn = (
+        lambda axis: lambda c: an.InstanceNorm(c, affine=True, axis=axis, eps=EPS),
+        lambda t, weight, bias: F.instance_norm(t, weight=weight, bias=bias, eps=EPS),
+    )
+    gn = (
+        lambda axis: lambda c: an.GroupNorm(4, c, axis=axis, eps=EPS),
+        lambda t, weight, bias: F.group_norm(t, 4, weight, bias, EPS),
+    )
+    ln = (
+        lambda axis: lambda c: an.LayerNorm(c, eps=EPS),
+        lambda t, weight, bias: F.layer_norm(t, (t.shape[-1],), weight, bias, EPS),
+    )
+    return {
+        "BatchNorm NHWC rows": (bn[0](-1), bn[1], (8, 32, 32, 16), True, "rows"),
+        "InstanceNorm NHWC rows": (inn[0](-1), inn[1], (2, 128, 128, 8), True, "rows"),
+        "GroupNorm NHWC rows": (gn[0](-1), gn[1], (2, 128, 128, 8), True, "rows"),
+        "LayerNorm NHWC rows": (ln[0](-1), ln[1], (8, 32, 32, 16), False, "rows"),
+        "BatchNorm NCHW loops": (bn[0](1), bn[1], (2, 4, 32, 32), False, "loops"),
+        "InstanceNorm NCHW loops": (inn[0](1), inn[1], (2, 3, 24, 24), False, "loops"),
+        "GroupNorm NCHW loops": (gn[0](1), gn[1], (2, 8, 16, 16), False, "loops"),
+        "LayerNorm 2-D loops": (ln[0](-1), ln[1], (4, 1024), False, "loops"),
+    }
+
+
+LOOP_CASES = [
+    "BatchNorm NHWC rows",
+    "InstanceNorm NHWC rows",
+    "GroupNorm NHWC rows",
+    "LayerNorm NHWC rows",
+    "BatchNorm NCHW loops",
+    "InstanceNorm NCHW loops",
+    "GroupNorm NCHW loops",
+    "LayerNorm 2-D loops",
+]
+
+
+@pytest.mark.parametrize("case", LOOP_CASES)
+def test_long_rows_and_ufunc_buffers_match_torch(bk, rng, torch_oracle, monkeypatch, case):
+    """Shapes on which NumPy takes the loop-shaping paths (long-row views with tiled
+    per-channel vectors; a ufunc buffer no longer than the inner run) against torch's
+    float64 autograd, with random parameters so a misaligned tile shows. On NumPy the test
+    also proves the path was taken, and that the caller's ufunc buffer size is back."""
+    from anynorm import _compat
+    from anynorm.functional import _moments
+
+    torch = torch_oracle
+    make, tfn, shape, channels_last, path = _loop_cases(torch)[case]
+    plans, sizes = [], []
+    real_plan, real_bufsize = _moments._row_plan, _compat._numpy_bufsize
+
+    def plan_spy(shape, vshape):
+        r = real_plan(shape, vshape)
+        plans.append(r)
+        return r
+
+    def bufsize_spy(size):
+        sizes.append(size)
+        return real_bufsize(size)
+
+    monkeypatch.setattr(_moments, "_row_plan", plan_spy)
+    monkeypatch.setattr(_compat, "_numpy_bufsize", bufsize_spy)
+    c = shape[-1] if channels_last or len(shape) == 2 or "LayerNorm" in case else shape[1]
+    x_np, g_np = _data(rng, shape), rng.standard_normal(shape)
+    x, g = bk.asarray(x_np), bk.asarray(g_np)
+    layer = make(c)
+    p64 = _load_random_params(bk, rng, layer, x, case.split()[0], c)
+    plans.clear()
+    sizes.clear()
+    buffer_before = np.getbufsize()
+    before = _snapshot(bk, {"x": x, "dy": g})
+    y = layer.forward(x)
+    dx = layer.backward(g)
+    assert np.getbufsize() == buffer_before
+    bk.check(y, shape, what="y")
+    bk.check(dx, shape, what="dx")
+    _assert_unchanged(bk, {"x": x, "dy": g}, before)
+    for k in p64:
+        bk.check(layer.grads[k], (c,), dtype=bk.param_dtype, what=f"grads[{k!r}]")
+    want = _torch_fn_vjp(bk, torch, tfn, p64, x_np, g_np, channels_last)
+    _compare(bk, (y, dx, dict(layer.grads)), want)
+    if bk.backend == "numpy" and not bk.half:
+        if path == "rows":
+            assert any(p is not None for p in plans), plans
+        else:
+            assert sizes and all(512 <= s < 8192 for s in sizes), sizes
+
+
+@pytest.mark.backends("numpy")
+@pytest.mark.dtypes("float32")
+def test_numpy_loops_sets_and_restores_the_buffer_size(bk):
+    """``numpy_loops``: a buffer of the largest power of two within the inner run while
+    inside (runs of 512-8191 elements only), the caller's size after, also after an error;
+    a caller's smaller buffer is kept; nothing for other namespaces."""
+    from anynorm._compat import numpy_loops
+
+    default = np.getbufsize()
+    with numpy_loops(bk.xp, (2, 4, 56, 56), (1, 4, 1, 1)):
+        assert np.getbufsize() == 2048
+    assert np.getbufsize() == default
+    with numpy_loops(bk.xp, (64, 600), (64, 1)):
+        assert np.getbufsize() == 512
+    for vshape in [(1, 64), (100, 1)]:  # short runs; the full shape (no broadcast)
+        with numpy_loops(bk.xp, (100, 64), vshape, (100, 64), None):
+            assert np.getbufsize() == default
+    with pytest.raises(ZeroDivisionError), numpy_loops(bk.xp, (8, 4096), (8, 1)):
+        assert np.getbufsize() == 4096
+        _ = 1 / 0
+    assert np.getbufsize() == default
+    with np.errstate():
+        np.setbufsize(256)
+        with numpy_loops(bk.xp, (8, 4096), (1, 4096)):
+            assert np.getbufsize() == 256
+    import array_api_strict
+
+    with numpy_loops(array_api_strict, (8, 4096), (8, 1)):
+        assert np.getbufsize() == default
+
+
 def test_long_channel_axis_l2_normalize_matches_torch(bk, rng, torch_oracle):
     """L2 over axis 1 of NCHW with 150 channels and 20 values after them (the blocked sum
     of products on NumPy) against ``torch.nn.functional.normalize`` in float64."""

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from .. import _validation as V
-from .._compat import autograd_safe, compute_dtype, product_plus
+from .._compat import autograd_safe, compute_dtype, numpy_loops, product_plus
 from ._moments import _imul, as_compute, sum_prod
 
 Array = Any
@@ -57,7 +57,8 @@ def lp_forward(x: Array, p: float, axes: tuple[int, ...], eps: float, *, xp: Any
     dtype): all the backward needs besides ``x``."""
     norm = lp_norm(x, p, axes, xp=xp)
     xc = as_compute(x, norm.dtype, xp=xp)
-    y = xc / xp.clip(norm, min=eps)
+    with numpy_loops(xp, x.shape, norm.shape):
+        y = xc / xp.clip(norm, min=eps)
     return as_compute(y, x.dtype, xp=xp), norm
 
 
@@ -72,6 +73,11 @@ def lp_backward(
 
     Memory: at most two full-size arrays at a time (``dx`` and one temporary, both fresh and
     updated in place where the namespace allows)."""
+    with numpy_loops(xp, x.shape, norm.shape):
+        return _lp_backward(dy, x, norm, p, axes, eps, xp)
+
+
+def _lp_backward(dy, x, norm, p, axes, eps, xp):
     cdt = norm.dtype
     g = as_compute(dy, cdt, xp=xp)
     xc = as_compute(x, cdt, xp=xp)

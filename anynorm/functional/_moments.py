@@ -32,6 +32,7 @@ product on the ``(rows, M)`` view.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -43,6 +44,8 @@ from .._compat import (
     copy,
     device,
     inplace_ok,
+    long_rows,
+    numpy_loops,
     vecdot_last,
 )
 
@@ -193,6 +196,61 @@ def widen(v: Array, x: Array, *, xp: Any) -> Array:
     return v * xp.ones((1,) * t + shape[t:], dtype=v.dtype, device=device(v))
 
 
+#: target row length of :func:`_on_rows` (NumPy's ufunc buffer size, elements)
+_ROW = 8192
+
+
+def _row_plan(shape: tuple[int, ...], vshape: tuple[int, ...]):
+    """``(view, vector view, repetitions)`` for :func:`_on_rows`, or None.
+
+    ``vshape`` (keepdims) must be full along a trailing run of ``c < 512`` elements (longer
+    runs are left to :func:`anynorm._compat.numpy_loops`) and broadcast (1) along the run of
+    ``mid`` elements before it; the leading axes are kept. The full array is viewed as
+    ``(*lead, mid/T, c·T)`` with ``T`` the smallest divisor of ``mid`` for which
+    ``c·T >= _ROW``, the vector as ``(*lead_v, 1, c)`` tiled ``T`` times. None also when
+    the tiled vector would exceed 1/16 of the array."""
+    nd, t = len(shape), len(shape)
+    while t > 0 and (vshape[t - 1] == shape[t - 1] or shape[t - 1] == 1):
+        t -= 1
+    m = t
+    while m > 0 and vshape[m - 1] == 1:
+        m -= 1
+    c, mid = math.prod(shape[t:]), math.prod(shape[m:t])
+    if t == nd or m == t or c >= 512 or c * mid < _ROW:  # runs of 512+: numpy_loops
+        return None
+    reps = next((r for r in range(-(-_ROW // c), mid + 1) if mid % r == 0), None)
+    if reps is None or reps * c > 8 * _ROW:
+        return None
+    if 16 * c * reps * math.prod(vshape[:m]) > math.prod(shape):  # the tile would be large
+        return None
+    view = (*shape[:m], mid // reps, c * reps)
+    return view, (*vshape[:m], 1, c), (1,) * (m + 1) + (reps,)
+
+
+def _on_rows(xp: Any, op: Any, v: Array, *full: Array) -> Array:
+    """``op(*full, v)`` for full-size arrays ``full`` (one shape) and a keepdims vector
+    ``v``: on NumPy, when ``v`` varies along a short trailing run only (channels-last
+    per-feature vectors), on the long-row view of :func:`_row_plan` with ``v`` tiled to
+    match (unbuffered ufunc loops: :func:`anynorm._compat.long_rows`), and reshaped back."""
+    shape = tuple(int(s) for s in full[0].shape)
+    plan = None
+    if v.ndim == len(shape) and all(long_rows(xp, a) for a in full):
+        plan = _row_plan(shape, tuple(int(s) for s in v.shape))
+    if plan is None:
+        return op(*full, v)
+    view, vview, reps = plan
+    r = op(*(xp.reshape(a, view) for a in full), xp.tile(xp.reshape(v, vview), reps))
+    return xp.reshape(r, shape)
+
+
+def _mul(a: Array, b: Array) -> Array:
+    return a * b
+
+
+def _sub(a: Array, b: Array) -> Array:
+    return a - b
+
+
 def _imul(a: Array, b: Any) -> Array:
     """``a·b``, written into ``a`` when ``a`` is a fresh temporary that may be written."""
     if inplace_ok(a):
@@ -230,7 +288,9 @@ def centered_moments(
         mean = xp.mean(xc, axis=axes, keepdims=True)
         return mean, mean, xc - mean
     mean = _sum(xc, axes, xp=xp) / count
-    d = xc - widen(mean, xc, xp=xp)
+    wide = widen(mean, xc, xp=xp)
+    with numpy_loops(xp, xc.shape, wide.shape):
+        d = _on_rows(xp, _sub, wide, xc)
     var = sum_prod(d, d, axes, xp=xp) / count
     return mean, var, d
 
@@ -310,22 +370,34 @@ def standardize(
     are in the compute dtype. ``centered`` is ``x − mean`` from :func:`centered_moments`,
     consumed (written into) to become ``y``. ``mean=None`` is the uncentred (RMS) form
     ``y = γ·x·istd + β``."""
+    with numpy_loops(xp, x.shape, *_shapes(mean, istd, weight, bias)):
+        return _standardize(x, mean, istd, weight, bias, axes, xp=xp, centered=centered)
+
+
+def _shapes(*arrays: Array | None) -> list:
+    return [None if a is None else a.shape for a in arrays]
+
+
+def _standardize(x, mean, istd, weight, bias, axes, *, xp, centered):
     cdt = istd.dtype
     if centered is not None:
         y = centered
     elif mean is None:
         y = None
     else:
-        y = as_compute(x, cdt, xp=xp) - widen(mean, x, xp=xp)
+        y = _on_rows(xp, _sub, widen(mean, x, xp=xp), as_compute(x, cdt, xp=xp))
     if _constant_over(weight, axes) or _small_product(x, istd, weight):
         # one fused per-group (GroupNorm: per sample and channel) scale
         scale = widen(istd if weight is None else istd * weight, x, xp=xp)
-        y = as_compute(x, cdt, xp=xp) * scale if y is None else _imul(y, scale)
+        if y is None:
+            y = _on_rows(xp, _mul, scale, as_compute(x, cdt, xp=xp))
+        else:
+            y = _on_rows(xp, _imul, scale, y)
     else:
         y = as_compute(x, cdt, xp=xp) * istd if y is None else _imul(y, istd)
-        y = _imul(y, weight)
+        y = _on_rows(xp, _imul, weight, y)
     if bias is not None:
-        y = _iadd(y, bias)
+        y = _on_rows(xp, _iadd, bias, y)
     return as_compute(y, x.dtype, xp=xp)
 
 
@@ -355,6 +427,13 @@ def standardize_backward(
     ``reduce`` (synchronized batch norm) sums the two per-group sums over processes
     (``reduce([A, Σg·x]) -> [A, Σg·x]``) and ``count`` is then the global number of values
     per group (an array); both need the per-group form (weight constant over ``axes``)."""
+    with numpy_loops(xp, x.shape, *_shapes(mean, istd, weight)):
+        return _standardize_backward(
+            dy, x, mean, istd, weight, axes, param_axes, frozen, xp, reduce, count
+        )
+
+
+def _standardize_backward(dy, x, mean, istd, weight, axes, param_axes, frozen, xp, reduce, count):
     cdt = istd.dtype
     g = as_compute(dy, cdt, xp=xp)
     xc = as_compute(x, cdt, xp=xp)
@@ -384,7 +463,7 @@ def standardize_backward(
         c_sum = istd * (gx if mean is None else gx - mean * a_sum)
         k = widen(istd if weight is None else istd * weight, xc, xp=xp)
         if frozen:
-            dx = g * k
+            dx = _on_rows(xp, _mul, k, g)
         else:
             s_a = a_sum if weight is None else weight * a_sum
             s_c = c_sum if weight is None else weight * c_sum
@@ -392,10 +471,10 @@ def standardize_backward(
                 s_a, s_c = _sum(s_a, vary, xp=xp), _sum(s_c, vary, xp=xp)
             m = -(istd * istd * s_c) / m_count
             n = istd * s_a / m_count
-            dx = g * k
+            dx = _on_rows(xp, _mul, k, g)
             if mean is not None:
-                dx = _isub(dx, widen(n + m * mean, xc, xp=xp))
-            dx = add_product(xp, dx, xc, widen(m, xc, xp=xp))
+                dx = _on_rows(xp, _isub, widen(n + m * mean, xc, xp=xp), dx)
+            dx = _on_rows(xp, functools.partial(add_product, xp), widen(m, xc, xp=xp), dx, xc)
         if param_axes is not None:
             rest = tuple(a for a in param_axes if a not in sub)
             dweight = _sum(c_sum, rest, xp=xp)
