@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 from typing import Any
 
 import array_api_compat
@@ -373,6 +374,8 @@ def _loop_core(shape: tuple[int, ...], vshape: tuple[int, ...]) -> int:
     """The length of the innermost run NumPy's iterator can coalesce for ``x ∘ v``: the
     product of the trailing axes of ``shape`` (size-1 axes skipped) over which ``vshape``
     keeps one pattern, broadcast (size 1) or full."""
+    if len(vshape) != len(shape):
+        return 0
     core, pattern = 1, None
     for s, v in zip(reversed(shape), reversed(vshape), strict=True):
         if s == 1:
@@ -388,6 +391,8 @@ def _loop_core(shape: tuple[int, ...], vshape: tuple[int, ...]) -> int:
 
 #: NumPy's default ufunc buffer size (elements)
 _NUMPY_BUFSIZE = 8192
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def numpy_loops(xp: Namespace, shape: Any, *vshapes: Any) -> Any:
@@ -405,16 +410,16 @@ def numpy_loops(xp: Namespace, shape: Any, *vshapes: Any) -> Any:
     is set inside ``numpy.errstate()``, which restores it on exit (NumPy >= 2: a context
     variable, thread- and task-local); nothing on other namespaces or on NumPy 1.x."""
     if not is_numpy_namespace(xp):
-        return contextlib.nullcontext()
-    shape = tuple(int(s) for s in shape)
-    cores = [
-        _loop_core(shape, tuple(int(s) for s in v))
-        for v in vshapes
-        if v is not None and len(v) == len(shape) and tuple(int(s) for s in v) != shape
-    ]
-    core = min(cores, default=0)
+        return _NO_CONTEXT
+    shape = tuple(shape)  # NumPy shapes: ints
+    if math.prod(shape) < _NUMPY_BUFSIZE * 8:
+        return _NO_CONTEXT  # small arrays: not worth the context's cost (~5 µs)
+    core = min(
+        (_loop_core(shape, v) for v in map(tuple, filter(None, vshapes)) if v != shape),
+        default=0,
+    )
     if not 512 <= core < _NUMPY_BUFSIZE:
-        return contextlib.nullcontext()
+        return _NO_CONTEXT
     return _numpy_bufsize(1 << (core.bit_length() - 1))
 
 
@@ -431,11 +436,74 @@ def long_rows(xp: Namespace, a: Array) -> bool:
     return is_numpy_namespace(xp) and bool(a.flags.c_contiguous)
 
 
+#: bytes per operand block of :func:`blockwise` (a few blocks stay in a core's L2 cache)
+_BLOCK_BYTES = 1 << 17
+
+
+def blockwise(xp: Namespace, fn: Any, full: list, vectors: list, *, out: Array = None) -> Any:
+    """``fn(*full, *vectors)`` evaluated block by block on NumPy, or None elsewhere.
+
+    ``full`` are C-contiguous arrays of one shape, ``vectors`` keepdims arrays that
+    broadcast against it, and ``fn`` an elementwise chain (several operations, e.g.
+    ``k·g − n + m·x``) that returns an array of its operands' broadcast shape. A
+    performance choice the standard cannot express: NumPy evaluates every operation of a
+    chain over the whole array, one pass over memory each, and each fresh full-size
+    temporary costs page faults; on blocks of 128 KiB per operand the temporaries stay in
+    the L2 cache and are reused, and only the inputs and the result cross memory. On
+    (784, 8192) float32, one thread, ``k·g − n + m·x`` takes 10.8 ms in blocks against
+    21.3 ms whole (float64: 31 against 50 ms). The result is written into ``out`` when
+    given (``fn`` may then work in place on the block of ``full[0] is out``), else into a
+    fresh array. None (the caller evaluates ``fn`` whole) when there are fewer than 32
+    blocks (4 MiB): smaller arrays stay in the cache anyway."""
+    if not is_numpy_namespace(xp):
+        return None
+    import numpy as np  # only reached with NumPy arrays
+
+    target = _BLOCK_BYTES // full[0].dtype.itemsize
+    if full[0].size < 32 * target:
+        return None
+    shape = tuple(int(s) for s in full[0].shape)
+    if any(tuple(a.shape) != shape or not a.flags.c_contiguous for a in full):
+        return None
+    ax, trail = len(shape), 1
+    while ax > 0 and trail * shape[ax - 1] <= target:
+        ax -= 1
+        trail *= shape[ax]
+    if ax == 0:
+        return None
+    bax = ax - 1  # blocks of `chunk` indices along this axis, for every index before it
+    chunk = max(1, target // trail)
+    for idx in np.ndindex(*shape[:bax]):
+        for i in range(0, shape[bax], chunk):
+            sl = (*idx, slice(i, i + chunk))
+            blocks = [a[sl] for a in full]
+            vblocks = [_vector_block(v, idx, bax, slice(i, i + chunk)) for v in vectors]
+            r = fn(*blocks, *vblocks)
+            if out is None:
+                out = np.empty(shape, dtype=r.dtype)
+            if r is not blocks[0] or full[0] is not out:
+                out[sl] = r
+    return out
+
+
+def _vector_block(v: Array, idx: tuple, bax: int, rows: slice) -> Array:
+    """The part of the keepdims vector ``v`` that meets the block ``(*idx, rows)``."""
+    lead = tuple(j if int(v.shape[d]) > 1 else 0 for d, j in enumerate(idx))
+    return v[(*lead, rows if int(v.shape[bax]) > 1 else slice(None))]
+
+
+@functools.cache
+def _numpy2() -> bool:
+    import numpy as np
+
+    return int(np.__version__.split(".")[0]) >= 2
+
+
 @contextlib.contextmanager
 def _numpy_bufsize(size: int):
     import numpy as np
 
-    if int(np.__version__.split(".")[0]) < 2:  # errstate does not scope the buffer size
+    if not _numpy2():  # errstate does not scope the buffer size
         yield
         return
     with np.errstate():

@@ -479,7 +479,7 @@ def _loop_cases(torch):
     """name -> (layer maker, torch functional, input shape, channels_last, path): shapes on
     which NumPy runs the elementwise work on long-row views with tiled per-feature vectors
     ("rows": ``_moments._row_plan``) or with a ufunc buffer at most the inner run
-    ("loops": ``_compat.numpy_loops``)."""
+    ("loops": ``_compat.numpy_loops``, arrays of 65536+ elements)."""
     F = torch.nn.functional
     bn = (
         lambda axis: lambda c: an.BatchNorm(c, axis=axis, eps=EPS),
@@ -502,10 +502,10 @@ def _loop_cases(torch):
         "InstanceNorm NHWC rows": (inn[0](-1), inn[1], (2, 128, 128, 8), True, "rows"),
         "GroupNorm NHWC rows": (gn[0](-1), gn[1], (2, 128, 128, 8), True, "rows"),
         "LayerNorm NHWC rows": (ln[0](-1), ln[1], (8, 32, 32, 16), False, "rows"),
-        "BatchNorm NCHW loops": (bn[0](1), bn[1], (2, 4, 32, 32), False, "loops"),
-        "InstanceNorm NCHW loops": (inn[0](1), inn[1], (2, 3, 24, 24), False, "loops"),
-        "GroupNorm NCHW loops": (gn[0](1), gn[1], (2, 8, 16, 16), False, "loops"),
-        "LayerNorm 2-D loops": (ln[0](-1), ln[1], (4, 1024), False, "loops"),
+        "BatchNorm NCHW loops": (bn[0](1), bn[1], (4, 4, 64, 64), False, "loops"),
+        "InstanceNorm NCHW loops": (inn[0](1), inn[1], (8, 16, 24, 24), False, "loops"),
+        "GroupNorm NCHW loops": (gn[0](1), gn[1], (4, 8, 48, 48), False, "loops"),
+        "LayerNorm 2-D loops": (ln[0](-1), ln[1], (64, 1024), False, "loops"),
     }
 
 
@@ -573,33 +573,93 @@ def test_long_rows_and_ufunc_buffers_match_torch(bk, rng, torch_oracle, monkeypa
 
 
 @pytest.mark.backends("numpy")
+@pytest.mark.parametrize("case", [*LOOP_CASES, "RMSNorm NHWC rows", "L2Norm NCHW"])
+def test_blockwise_chains_match_torch(bk, rng, torch_oracle, monkeypatch, case):
+    """The elementwise chains evaluated block by block (``_compat.blockwise``) against
+    torch's float64 autograd. Blocks of 256 bytes put every case on the block path with
+    many blocks, partial last blocks and blocks along the last axis (tiled views)."""
+    from anynorm import _compat
+
+    torch = torch_oracle
+    F = torch.nn.functional
+    if case == "RMSNorm NHWC rows":
+        make, tfn = _strided_cases(torch)["RMSNorm"][:2]
+        shape, channels_last = (4, 8, 8, 12), False
+    elif case == "L2Norm NCHW":
+        make, shape, channels_last = (lambda c: an.L2Norm(axis=1)), (3, 5, 16, 12), False
+        tfn = lambda t: F.normalize(t, 2.0, 1)  # noqa: E731
+    else:
+        make, tfn, shape, channels_last, _ = _loop_cases(torch)[case]
+    made = []
+    real = _compat.blockwise
+
+    def spy(*args, **kwargs):
+        r = real(*args, **kwargs)
+        made.append(r is not None)
+        return r
+
+    monkeypatch.setattr(_compat, "_BLOCK_BYTES", 256)
+    monkeypatch.setattr(_compat, "blockwise", spy)
+    from anynorm.functional import _moments
+
+    monkeypatch.setattr(_moments, "blockwise", spy)
+    name = case.split()[0]
+    c = (
+        shape[1]
+        if name in ("BatchNorm", "InstanceNorm", "GroupNorm") and not channels_last
+        else shape[-1]
+    )
+    x_np, g_np = _data(rng, shape), rng.standard_normal(shape)
+    x, g = bk.asarray(x_np), bk.asarray(g_np)
+    layer = make(c)
+    p64 = {} if name == "L2Norm" else _load_random_params(bk, rng, layer, x, name, c)
+    made.clear()
+    before = _snapshot(bk, {"x": x, "dy": g})
+    y = layer.forward(x)
+    dx = layer.backward(g)
+    bk.check(y, shape, what="y")
+    bk.check(dx, shape, what="dx")
+    _assert_unchanged(bk, {"x": x, "dy": g}, before)
+    want = _torch_fn_vjp(bk, torch, tfn, p64, x_np, g_np, channels_last)
+    _compare(bk, (y, dx, dict(layer.grads)), want)
+    assert any(made), made
+
+
+@pytest.mark.backends("numpy")
 @pytest.mark.dtypes("float32")
 def test_numpy_loops_sets_and_restores_the_buffer_size(bk):
     """``numpy_loops``: a buffer of the largest power of two within the inner run while
-    inside (runs of 512-8191 elements only), the caller's size after, also after an error;
-    a caller's smaller buffer is kept; nothing for other namespaces."""
+    inside (runs of 512-8191 elements of arrays of 65536+ only), the caller's size after,
+    also after an error; a caller's smaller buffer is kept; nothing for other namespaces."""
     from anynorm._compat import numpy_loops
 
     default = np.getbufsize()
-    with numpy_loops(bk.xp, (2, 4, 56, 56), (1, 4, 1, 1)):
+    with numpy_loops(bk.xp, (8, 4, 56, 56), (1, 4, 1, 1)):
         assert np.getbufsize() == 2048
+    with numpy_loops(bk.xp, (2, 4, 56, 56), (1, 4, 1, 1)):  # small: left alone
+        assert np.getbufsize() == default
     assert np.getbufsize() == default
-    with numpy_loops(bk.xp, (64, 600), (64, 1)):
+    with numpy_loops(bk.xp, (128, 600), (128, 1)):
         assert np.getbufsize() == 512
-    for vshape in [(1, 64), (100, 1)]:  # short runs; the full shape (no broadcast)
-        with numpy_loops(bk.xp, (100, 64), vshape, (100, 64), None):
+    for vshape in [(1, 64), (1100, 1)]:  # short runs; the full shape (no broadcast)
+        with numpy_loops(bk.xp, (1100, 64), vshape, (1100, 64), None):
             assert np.getbufsize() == default
-    with pytest.raises(ZeroDivisionError), numpy_loops(bk.xp, (8, 4096), (8, 1)):
-        assert np.getbufsize() == 4096
-        _ = 1 / 0
+
+    def fail_inside():
+        with numpy_loops(bk.xp, (16, 4096), (16, 1)):
+            assert np.getbufsize() == 4096
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        fail_inside()
     assert np.getbufsize() == default
     with np.errstate():
         np.setbufsize(256)
-        with numpy_loops(bk.xp, (8, 4096), (1, 4096)):
+        with numpy_loops(bk.xp, (16, 4096), (1, 4096)):
             assert np.getbufsize() == 256
     import array_api_strict
 
-    with numpy_loops(array_api_strict, (8, 4096), (8, 1)):
+    with numpy_loops(array_api_strict, (16, 4096), (16, 1)):
         assert np.getbufsize() == default
 
 

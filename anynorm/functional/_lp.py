@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 from .. import _validation as V
 from .._compat import autograd_safe, compute_dtype, numpy_loops, product_plus
-from ._moments import _imul, as_compute, sum_prod
+from ._moments import _elementwise, _imul, as_compute, sum_prod
 
 Array = Any
 
@@ -87,8 +88,9 @@ def _lp_backward(dy, x, norm, p, axes, eps, xp):
     ncoef = xp.where(norm > eps, -(dot * inv), xp.zeros_like(dot))
     if p == 2.0:
         # dx = (g − x·Σ(g·x)/N'²)·inv
-        dx = product_plus(xp, xc, ncoef * inv, g)
-        return as_compute(_imul(dx, inv), x.dtype, xp=xp)
+        op = functools.partial(_l2_dx, xp)
+        dx = _elementwise(xp, op, [ncoef * inv, inv], xc, g, chain=True)
+        return as_compute(dx, x.dtype, xp=xp)
     # dx = (g − sign(x)·term)·inv
     if p == 1.0:
         term = ncoef
@@ -100,6 +102,11 @@ def _lp_backward(dy, x, norm, p, axes, eps, xp):
         term = _imul((xp.abs(xc) / safe) ** (p - 1.0), ncoef)  # not ·(1/safe): denormals
     dx = product_plus(xp, xp.sign(xc), term, g, scratch=True)
     return as_compute(_imul(dx, inv), x.dtype, xp=xp)
+
+
+def _l2_dx(xp: Any, x: Array, g: Array, c: Array, inv: Array) -> Array:
+    """``(x·c + g)·inv``, a fresh result."""
+    return _imul(product_plus(xp, x, c, g), inv)
 
 
 def lp_normalize(x: Array, p: float = 2.0, axis: Any = -1, eps: float = 1e-12) -> Array:

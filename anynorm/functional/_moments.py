@@ -41,6 +41,7 @@ from .._compat import (
     autograd_safe,
     blas_sums,
     block_dot_sums,
+    blockwise,
     copy,
     device,
     inplace_ok,
@@ -196,12 +197,12 @@ def widen(v: Array, x: Array, *, xp: Any) -> Array:
     return v * xp.ones((1,) * t + shape[t:], dtype=v.dtype, device=device(v))
 
 
-#: target row length of :func:`_on_rows` (NumPy's ufunc buffer size, elements)
+#: target row length of :func:`_elementwise` (NumPy's ufunc buffer size, elements)
 _ROW = 8192
 
 
 def _row_plan(shape: tuple[int, ...], vshape: tuple[int, ...]):
-    """``(view, vector view, repetitions)`` for :func:`_on_rows`, or None.
+    """``(view, vector view, repetitions)`` for :func:`_elementwise`, or None.
 
     ``vshape`` (keepdims) must be full along a trailing run of ``c < 512`` elements (longer
     runs are left to :func:`anynorm._compat.numpy_loops`) and broadcast (1) along the run of
@@ -227,24 +228,63 @@ def _row_plan(shape: tuple[int, ...], vshape: tuple[int, ...]):
     return view, (*vshape[:m], 1, c), (1,) * (m + 1) + (reps,)
 
 
-def _on_rows(xp: Any, op: Any, v: Array, *full: Array) -> Array:
-    """``op(*full, v)`` for full-size arrays ``full`` (one shape) and a keepdims vector
-    ``v``: on NumPy, when ``v`` varies along a short trailing run only (channels-last
-    per-feature vectors), on the long-row view of :func:`_row_plan` with ``v`` tiled to
-    match (unbuffered ufunc loops: :func:`anynorm._compat.long_rows`), and reshaped back."""
+def _elementwise(
+    xp: Any, op: Any, vectors: list, *full: Array, chain: bool = False, inplace: bool = False
+) -> Array:
+    """``op(*full, *vectors)`` for full-size arrays ``full`` (one shape) and keepdims
+    ``vectors``, reshaped back to the full shape. On NumPy:
+
+    - when every vector varies along the same short trailing run only (channels-last
+      per-feature vectors), on the long-row views of :func:`_row_plan` with the vectors
+      tiled to match (unbuffered ufunc loops: :func:`anynorm._compat.long_rows`);
+    - a ``chain`` of several operations block by block
+      (:func:`anynorm._compat.blockwise`): into ``full[0]`` itself when ``inplace`` (``op``
+      then updates its first operand in place) and :func:`inplace_ok` allows, else into a
+      fresh array."""
+    if not all(long_rows(xp, a) for a in full):  # not NumPy, or strided
+        return op(*full, *vectors)
     shape = tuple(int(s) for s in full[0].shape)
-    plan = None
-    if v.ndim == len(shape) and all(long_rows(xp, a) for a in full):
-        plan = _row_plan(shape, tuple(int(s) for s in v.shape))
-    if plan is None:
-        return op(*full, v)
-    view, vview, reps = plan
-    r = op(*(xp.reshape(a, view) for a in full), xp.tile(xp.reshape(v, vview), reps))
+    plans = set()
+    if all(v.ndim == len(shape) for v in vectors):
+        plans = {_row_plan(shape, tuple(int(s) for s in v.shape)) for v in vectors}
+    if len(plans) == 1 and None not in plans:
+        view, _, reps = plans.pop()
+        full = tuple(xp.reshape(a, view) for a in full)
+        vectors = [
+            xp.tile(xp.reshape(v, _row_plan(shape, tuple(int(s) for s in v.shape))[1]), reps)
+            for v in vectors
+        ]
+    r = None
+    if chain:
+        out = full[0] if inplace and inplace_ok(full[0]) else None
+        r = blockwise(xp, op, list(full), list(vectors), out=out)
+    if r is None:
+        r = op(*full, *vectors)
     return xp.reshape(r, shape)
 
 
 def _mul(a: Array, b: Array) -> Array:
     return a * b
+
+
+def _k_g_m_x_n(xp: Any, g: Array, x: Array, k: Array, m: Array, n: Array = None) -> Array:
+    """``k·g + m·x − n`` (no ``n`` for RMS), a fresh result."""
+    dx = g * k
+    if n is not None:
+        dx = _isub(dx, n)
+    return add_product(xp, dx, x, m)
+
+
+def _affine(a: Array, *vectors: Array, factors: int, fresh: bool) -> Array:
+    """``a·v₁···v_factors (+ v_last)``: the first ``factors`` vectors multiply, a further
+    one (the bias) is added. In ``a``'s own buffer unless ``fresh``."""
+    if fresh:
+        a = a * vectors[0]
+        vectors = vectors[1:]
+        factors -= 1
+    for v in vectors[:factors]:
+        a = _imul(a, v)
+    return a if len(vectors) == factors else _iadd(a, vectors[factors])
 
 
 def _sub(a: Array, b: Array) -> Array:
@@ -290,7 +330,7 @@ def centered_moments(
     mean = _sum(xc, axes, xp=xp) / count
     wide = widen(mean, xc, xp=xp)
     with numpy_loops(xp, xc.shape, wide.shape):
-        d = _on_rows(xp, _sub, wide, xc)
+        d = _elementwise(xp, _sub, [wide], xc)
     var = sum_prod(d, d, axes, xp=xp) / count
     return mean, var, d
 
@@ -385,19 +425,19 @@ def _standardize(x, mean, istd, weight, bias, axes, *, xp, centered):
     elif mean is None:
         y = None
     else:
-        y = _on_rows(xp, _sub, widen(mean, x, xp=xp), as_compute(x, cdt, xp=xp))
+        y = _elementwise(xp, _sub, [widen(mean, x, xp=xp)], as_compute(x, cdt, xp=xp))
     if _constant_over(weight, axes) or _small_product(x, istd, weight):
         # one fused per-group (GroupNorm: per sample and channel) scale
-        scale = widen(istd if weight is None else istd * weight, x, xp=xp)
-        if y is None:
-            y = _on_rows(xp, _mul, scale, as_compute(x, cdt, xp=xp))
-        else:
-            y = _on_rows(xp, _imul, scale, y)
+        vectors = [widen(istd if weight is None else istd * weight, x, xp=xp)]
     else:
-        y = as_compute(x, cdt, xp=xp) * istd if y is None else _imul(y, istd)
-        y = _on_rows(xp, _imul, weight, y)
+        vectors = [istd, weight]
+    op = functools.partial(_affine, factors=len(vectors), fresh=y is None)
     if bias is not None:
-        y = _on_rows(xp, _iadd, bias, y)
+        vectors.append(bias)
+    if y is None:
+        y = _elementwise(xp, op, vectors, as_compute(x, cdt, xp=xp), chain=True)
+    else:
+        y = _elementwise(xp, op, vectors, y, chain=True, inplace=True)
     return as_compute(y, x.dtype, xp=xp)
 
 
@@ -463,7 +503,7 @@ def _standardize_backward(dy, x, mean, istd, weight, axes, param_axes, frozen, x
         c_sum = istd * (gx if mean is None else gx - mean * a_sum)
         k = widen(istd if weight is None else istd * weight, xc, xp=xp)
         if frozen:
-            dx = _on_rows(xp, _mul, k, g)
+            dx = _elementwise(xp, _mul, [k], g)
         else:
             s_a = a_sum if weight is None else weight * a_sum
             s_c = c_sum if weight is None else weight * c_sum
@@ -471,10 +511,10 @@ def _standardize_backward(dy, x, mean, istd, weight, axes, param_axes, frozen, x
                 s_a, s_c = _sum(s_a, vary, xp=xp), _sum(s_c, vary, xp=xp)
             m = -(istd * istd * s_c) / m_count
             n = istd * s_a / m_count
-            dx = _on_rows(xp, _mul, k, g)
+            vectors = [k, widen(m, xc, xp=xp)]
             if mean is not None:
-                dx = _on_rows(xp, _isub, widen(n + m * mean, xc, xp=xp), dx)
-            dx = _on_rows(xp, functools.partial(add_product, xp), widen(m, xc, xp=xp), dx, xc)
+                vectors.append(widen(n + m * mean, xc, xp=xp))
+            dx = _elementwise(xp, functools.partial(_k_g_m_x_n, xp), vectors, g, xc, chain=True)
         if param_axes is not None:
             rest = tuple(a for a in param_axes if a not in sub)
             dweight = _sum(c_sum, rest, xp=xp)
@@ -574,8 +614,18 @@ def _rows_backward(
         dbias = xp.reshape(ones @ g2, tuple(weight.shape))
     del p
     m = -(s * s * s_c) / m_count
-    dx = _imul(g2 * gam, s[:, None])
+    vectors = [xp.reshape(gam, (1, m_count)), s[:, None], m[:, None]]
     if mean is not None:
-        dx = _isub(dx, (s * (g2 @ gam) / m_count)[:, None])
-    dx = add_product(xp, dx, d, m[:, None], scratch=mean is not None)  # d is x for RMS
+        vectors.append((s * (g2 @ gam) / m_count)[:, None])
+    # d is x for RMS: its buffer takes the product only when it is a temporary
+    op = functools.partial(_rows_dx, xp, scratch=mean is not None)
+    dx = _elementwise(xp, op, vectors, g2, d, chain=True)
     return xp.reshape(dx, shape), dweight, dbias
+
+
+def _rows_dx(xp, g, d, gam, s, m, n=None, *, scratch):
+    """``γ·g·s + m·d − n`` of :func:`_rows_backward` (no ``n`` for RMS), a fresh result."""
+    dx = _imul(g * gam, s)
+    if n is not None:
+        dx = _isub(dx, n)
+    return add_product(xp, dx, d, m, scratch=scratch)
