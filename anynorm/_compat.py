@@ -404,9 +404,10 @@ def numpy_loops(xp: Namespace, shape: Any, *vshapes: Any) -> Any:
     size (8192 elements) when an operand is broadcast along it: it copies every operand,
     the broadcast one included, through the buffers (numpy/numpy#13307, #32595). On
     (32, 64, 3136) float32, one thread, ``x *= s`` with a per-channel ``s`` takes 2.4 ms
-    buffered against 1.3 ms unbuffered; with rows of 784 to 8191 elements a buffer size at
-    most the core turns the buffering off. Cores under 512 elements (short rows) gain
-    nothing (they are slower with small buffers), so they are left alone. The buffer size
+    buffered against 1.3 ms unbuffered; for cores of 512 to 8191 elements (NumPy's default
+    buffer size) a buffer no larger than the core turns the buffering off (measured on
+    cores of 784 to 4096). Shorter cores gain nothing (they are slower with small
+    buffers), so they are left alone; so are arrays under 65536 values. The buffer size
     is set inside ``numpy.errstate()``, which restores it on exit (NumPy >= 2: a context
     variable, thread- and task-local); nothing on other namespaces or on NumPy 1.x."""
     if not is_numpy_namespace(xp):
@@ -418,22 +419,67 @@ def numpy_loops(xp: Namespace, shape: Any, *vshapes: Any) -> Any:
         (_loop_core(shape, v) for v in map(tuple, filter(None, vshapes)) if v != shape),
         default=0,
     )
-    if not 512 <= core < _NUMPY_BUFSIZE:
+    if not _SHORT_RUN <= core < _NUMPY_BUFSIZE:
         return _NO_CONTEXT
     return _numpy_bufsize(1 << (core.bit_length() - 1))
 
 
-def long_rows(xp: Namespace, a: Array) -> bool:
-    """Should an elementwise operation of ``a`` with a per-feature vector that varies along
-    a short trailing run (channels-last: 64 channels) run on a reshaped view with rows of
-    at least :data:`_NUMPY_BUFSIZE` elements and the vector tiled to match?
+def long_row_views(xp: Namespace, full: Any, vectors: list) -> tuple | None:
+    """``(full views, tiled vectors)`` for an elementwise operation of the C-contiguous
+    NumPy arrays ``full`` (one shape) with keepdims ``vectors`` that all vary along the
+    same short trailing run only (channels-last per-channel vectors), or None.
 
     A performance choice the standard cannot express. NumPy buffers such an operation (see
-    :func:`numpy_loops`); with rows of 8192 elements it runs unbuffered: ``y *= s`` on
-    (100352, 64) float32 with a (64,) ``s``, one thread, 2.2 ms against 1.3 ms on the
-    (784, 8192) view with ``s`` tiled 128 times. C-contiguous NumPy arrays only (the
-    reshape must be a view)."""
-    return is_numpy_namespace(xp) and bool(a.flags.c_contiguous)
+    :func:`numpy_loops`); on rows of at least its buffer size it runs unbuffered: ``y *= s``
+    on (100352, 64) float32 with a (64,) ``s``, one thread, 2.2 ms against 1.3 ms on the
+    (784, 8192) view with ``s`` tiled 128 times. With a trailing run of ``c < 512`` values
+    (longer runs are left to :func:`numpy_loops`) after a run of ``mid`` values along which
+    every vector is broadcast, the full arrays are viewed as ``(*lead, mid/T, c·T)`` and the
+    vectors as ``(*lead_v, 1, c)`` tiled ``T`` times, ``T`` the smallest divisor of ``mid``
+    with ``8192 <= c·T < 32768 + 4c``. None also when no such ``T`` exists or the tiled
+    vectors would exceed 1/16 of the array."""
+    if not (is_numpy_namespace(xp) and all(a.flags.c_contiguous for a in full)):
+        return None
+    shape = tuple(full[0].shape)
+    plans = {tuple(v.shape): None for v in vectors if v.ndim == len(shape)}
+    if not plans or len(plans) < len({tuple(v.shape) for v in vectors}):
+        return None
+    for vshape in plans:
+        plans[vshape] = _row_plan(shape, vshape)
+        if plans[vshape] is None:
+            return None
+    if len({p[0] for p in plans.values()}) != 1:
+        return None
+    view, _, reps = next(iter(plans.values()))
+    return (
+        [a.reshape(view) for a in full],
+        [xp.tile(v.reshape(plans[tuple(v.shape)][1]), reps) for v in vectors],
+    )
+
+
+#: inner runs shorter than this gain nothing from a smaller ufunc buffer
+#: (:func:`numpy_loops`); channels-last vectors that vary along them are tiled instead
+#: (:func:`long_row_views`)
+_SHORT_RUN = 512
+
+
+def _row_plan(shape: tuple[int, ...], vshape: tuple[int, ...]):
+    """``(view, vector view, repetitions)`` for :func:`long_row_views`, or None."""
+    nd, t = len(shape), len(shape)
+    while t > 0 and (vshape[t - 1] == shape[t - 1] or shape[t - 1] == 1):
+        t -= 1
+    m = t
+    while m > 0 and vshape[m - 1] == 1:
+        m -= 1
+    c, mid = math.prod(shape[t:]), math.prod(shape[m:t])
+    if t == nd or m == t or c >= _SHORT_RUN or c * mid < _NUMPY_BUFSIZE:
+        return None
+    lo = -(-_NUMPY_BUFSIZE // c)
+    hi = min(mid, 4 * lo)
+    reps = next((r for r in range(lo, hi + 1) if mid % r == 0), None)
+    if reps is None or 16 * c * reps * math.prod(vshape[:m]) > math.prod(shape):
+        return None
+    return (*shape[:m], mid // reps, c * reps), (*vshape[:m], 1, c), (1,) * (m + 1) + (reps,)
 
 
 #: bytes per operand block of :func:`blockwise` (a few blocks stay in a core's L2 cache)
@@ -465,6 +511,8 @@ def blockwise(xp: Namespace, fn: Any, full: list, vectors: list, *, out: Array =
     shape = tuple(int(s) for s in full[0].shape)
     if any(tuple(a.shape) != shape or not a.flags.c_contiguous for a in full):
         return None
+    if any(v.ndim != len(shape) for v in vectors):
+        return None
     ax, trail = len(shape), 1
     while ax > 0 and trail * shape[ax - 1] <= target:
         ax -= 1
@@ -472,7 +520,9 @@ def blockwise(xp: Namespace, fn: Any, full: list, vectors: list, *, out: Array =
     if ax == 0:
         return None
     bax = ax - 1  # blocks of `chunk` indices along this axis, for every index before it
+    n = shape[bax]
     chunk = max(1, target // trail)
+    chunk = -(-n // -(-n // chunk))  # equal blocks: no sliver at the end
     for idx in np.ndindex(*shape[:bax]):
         for i in range(0, shape[bax], chunk):
             sl = (*idx, slice(i, i + chunk))

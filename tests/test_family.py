@@ -478,7 +478,7 @@ def test_blocked_sum_of_products_reads_the_callers_memory(bk, rng, monkeypatch, 
 def _loop_cases(torch):
     """name -> (layer maker, torch functional, input shape, channels_last, path): shapes on
     which NumPy runs the elementwise work on long-row views with tiled per-feature vectors
-    ("rows": ``_moments._row_plan``) or with a ufunc buffer at most the inner run
+    ("rows": ``_compat.long_row_views``) or with a ufunc buffer at most the inner run
     ("loops": ``_compat.numpy_loops``, arrays of 65536+ elements)."""
     F = torch.nn.functional
     bn = (
@@ -528,12 +528,11 @@ def test_long_rows_and_ufunc_buffers_match_torch(bk, rng, torch_oracle, monkeypa
     float64 autograd, with random parameters so a misaligned tile shows. On NumPy the test
     also proves the path was taken, and that the caller's ufunc buffer size is back."""
     from anynorm import _compat
-    from anynorm.functional import _moments
 
     torch = torch_oracle
     make, tfn, shape, channels_last, path = _loop_cases(torch)[case]
     plans, sizes = [], []
-    real_plan, real_bufsize = _moments._row_plan, _compat._numpy_bufsize
+    real_plan, real_bufsize = _compat._row_plan, _compat._numpy_bufsize
 
     def plan_spy(shape, vshape):
         r = real_plan(shape, vshape)
@@ -544,7 +543,7 @@ def test_long_rows_and_ufunc_buffers_match_torch(bk, rng, torch_oracle, monkeypa
         sizes.append(size)
         return real_bufsize(size)
 
-    monkeypatch.setattr(_moments, "_row_plan", plan_spy)
+    monkeypatch.setattr(_compat, "_row_plan", plan_spy)
     monkeypatch.setattr(_compat, "_numpy_bufsize", bufsize_spy)
     c = shape[-1] if channels_last or len(shape) == 2 or "LayerNorm" in case else shape[1]
     x_np, g_np = _data(rng, shape), rng.standard_normal(shape)
@@ -623,6 +622,38 @@ def test_blockwise_chains_match_torch(bk, rng, torch_oracle, monkeypatch, case):
     want = _torch_fn_vjp(bk, torch, tfn, p64, x_np, g_np, channels_last)
     _compare(bk, (y, dx, dict(layer.grads)), want)
     assert any(made), made
+
+
+@pytest.mark.backends("numpy")
+@pytest.mark.dtypes("float32")
+def test_long_row_plans(bk):
+    """The long-row views: rows of 8192 to 32768 + 4c values; none for runs of 512+ (left
+    to the ufunc buffer), per-row statistics, a run with no divisor in range (a prime) or
+    a tile larger than 1/16 of the array; vectors of one pattern only."""
+    from anynorm._compat import _row_plan, long_row_views
+
+    assert _row_plan((32, 56, 56, 64), (1, 1, 1, 64)) == ((784, 8192), (1, 64), (1, 128))
+    assert _row_plan((32, 56, 56, 64), (32, 1, 1, 64)) == (
+        (32, 16, 12544),
+        (32, 1, 64),
+        (1, 1, 196),
+    )
+    for shape, vshape in [
+        ((64, 4096), (1, 4096)),  # run of 4096: numpy_loops
+        ((100352, 64), (100352, 1)),  # per-row statistic
+        ((999983, 4), (1, 4)),  # prime number of rows
+        ((6, 7), (1, 7)),  # too small
+        ((4, 4096, 16), (4, 1, 16)),  # the tiled vectors would be 1/8 of the array
+    ]:
+        assert _row_plan(shape, vshape) is None, (shape, vshape)
+    x = np.ones((64, 256, 32), dtype=np.float32)
+    v, w = np.ones((1, 1, 32), np.float32), np.ones((64, 1, 32), np.float32)
+    views = long_row_views(bk.xp, [x], [v, v])
+    assert views is not None and views[0][0].shape == (64, 8192) and views[1][0].shape == (1, 8192)
+    assert np.shares_memory(views[0][0], x)
+    assert long_row_views(bk.xp, [x], [v, w]) is None  # two patterns
+    assert long_row_views(bk.xp, [x[:, ::2]], [v[..., ::2]]) is None  # strided
+    assert long_row_views(bk.xp, [x], [v[0]]) is None  # not keepdims
 
 
 @pytest.mark.backends("numpy")

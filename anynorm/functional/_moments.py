@@ -21,7 +21,11 @@ temporary), and on NumPy over leading or middle axes through a blocked ``einsum`
 product plus a sum); plain sums of C-contiguous NumPy/torch-CPU arrays go through
 ``matmul`` with a ones vector (:func:`_sum`); full-size temporaries the function has just
 allocated are updated in place where that is safe (:func:`anynorm._compat.inplace_ok`);
-inputs and cached arrays are never written. When the weight varies inside a statistics
+inputs and cached arrays are never written. On NumPy the elementwise chains (scale and
+shift, ``k·g + m·x − n``) run without NumPy's ufunc buffering (a buffer no longer than
+the inner run: :func:`anynorm._compat.numpy_loops`; channels-last vectors tiled on a
+long-row view: :func:`_elementwise`) and block by block in cache
+(:func:`anynorm._compat.blockwise`). When the weight varies inside a statistics
 group (GroupNorm: the group's channels) the backward still runs on small sums: per
 sub-group (sample and channel) over the other reduced axes, then ``S_A = Σ γ·A`` and
 ``S_C = Σ γ·C`` per group, and ``dx = k·g + m·x + n`` with per-sample-and-channel
@@ -45,7 +49,7 @@ from .._compat import (
     copy,
     device,
     inplace_ok,
-    long_rows,
+    long_row_views,
     numpy_loops,
     vecdot_last,
 )
@@ -197,70 +201,30 @@ def widen(v: Array, x: Array, *, xp: Any) -> Array:
     return v * xp.ones((1,) * t + shape[t:], dtype=v.dtype, device=device(v))
 
 
-#: target row length of :func:`_elementwise` (NumPy's ufunc buffer size, elements)
-_ROW = 8192
-
-
-def _row_plan(shape: tuple[int, ...], vshape: tuple[int, ...]):
-    """``(view, vector view, repetitions)`` for :func:`_elementwise`, or None.
-
-    ``vshape`` (keepdims) must be full along a trailing run of ``c < 512`` elements (longer
-    runs are left to :func:`anynorm._compat.numpy_loops`) and broadcast (1) along the run of
-    ``mid`` elements before it; the leading axes are kept. The full array is viewed as
-    ``(*lead, mid/T, c·T)`` with ``T`` the smallest divisor of ``mid`` for which
-    ``c·T >= _ROW``, the vector as ``(*lead_v, 1, c)`` tiled ``T`` times. None also when
-    the tiled vector would exceed 1/16 of the array."""
-    nd, t = len(shape), len(shape)
-    while t > 0 and (vshape[t - 1] == shape[t - 1] or shape[t - 1] == 1):
-        t -= 1
-    m = t
-    while m > 0 and vshape[m - 1] == 1:
-        m -= 1
-    c, mid = math.prod(shape[t:]), math.prod(shape[m:t])
-    if t == nd or m == t or c >= 512 or c * mid < _ROW:  # runs of 512+: numpy_loops
-        return None
-    reps = next((r for r in range(-(-_ROW // c), mid + 1) if mid % r == 0), None)
-    if reps is None or reps * c > 8 * _ROW:
-        return None
-    if 16 * c * reps * math.prod(vshape[:m]) > math.prod(shape):  # the tile would be large
-        return None
-    view = (*shape[:m], mid // reps, c * reps)
-    return view, (*vshape[:m], 1, c), (1,) * (m + 1) + (reps,)
-
-
 def _elementwise(
     xp: Any, op: Any, vectors: list, *full: Array, chain: bool = False, inplace: bool = False
 ) -> Array:
     """``op(*full, *vectors)`` for full-size arrays ``full`` (one shape) and keepdims
-    ``vectors``, reshaped back to the full shape. On NumPy:
+    ``vectors``, in the full shape. On NumPy:
 
     - when every vector varies along the same short trailing run only (channels-last
-      per-feature vectors), on the long-row views of :func:`_row_plan` with the vectors
-      tiled to match (unbuffered ufunc loops: :func:`anynorm._compat.long_rows`);
+      per-feature vectors), on long-row views with the vectors tiled to match
+      (:func:`anynorm._compat.long_row_views`: unbuffered ufunc loops);
     - a ``chain`` of several operations block by block
       (:func:`anynorm._compat.blockwise`): into ``full[0]`` itself when ``inplace`` (``op``
       then updates its first operand in place) and :func:`inplace_ok` allows, else into a
       fresh array."""
-    if not all(long_rows(xp, a) for a in full):  # not NumPy, or strided
-        return op(*full, *vectors)
-    shape = tuple(int(s) for s in full[0].shape)
-    plans = set()
-    if all(v.ndim == len(shape) for v in vectors):
-        plans = {_row_plan(shape, tuple(int(s) for s in v.shape)) for v in vectors}
-    if len(plans) == 1 and None not in plans:
-        view, _, reps = plans.pop()
-        full = tuple(xp.reshape(a, view) for a in full)
-        vectors = [
-            xp.tile(xp.reshape(v, _row_plan(shape, tuple(int(s) for s in v.shape))[1]), reps)
-            for v in vectors
-        ]
+    shape = full[0].shape
+    views = long_row_views(xp, full, vectors)
+    if views is not None:
+        full, vectors = views
     r = None
     if chain:
         out = full[0] if inplace and inplace_ok(full[0]) else None
         r = blockwise(xp, op, list(full), list(vectors), out=out)
     if r is None:
         r = op(*full, *vectors)
-    return xp.reshape(r, shape)
+    return r if views is None else xp.reshape(r, shape)
 
 
 def _mul(a: Array, b: Array) -> Array:
