@@ -389,15 +389,23 @@ def test_strided_input_matches_torch(bk, rng, torch_oracle, name):
     g = bk.xp.permute_dims(bk.asarray(g_cf), (0, 2, 3, 1))
     layer = make(c)
     p64 = _load_random_params(bk, rng, layer, x, name, c)
+    _layer_vs_torch(bk, torch, layer, tfn, p64, (x_np, g_np, x, g), channels_last)
+
+
+def _layer_vs_torch(bk, torch, layer, tfn, p64, data, channels_last):
+    """Forward and backward of ``layer`` on ``data = (x_np, g_np, x, g)`` against ``tfn``
+    differentiated by torch in float64: namespace, dtype, device and shape of ``y``,
+    ``dx`` and every parameter gradient, the inputs unchanged, then the values."""
+    x_np, g_np, x, g = data
     before = _snapshot(bk, {"x": x, "dy": g})
     y = layer.forward(x)
     dx = layer.backward(g)
     bk.check(y, x_np.shape, what="y")
     bk.check(dx, x_np.shape, what="dx")
     _assert_unchanged(bk, {"x": x, "dy": g}, before)
+    for k, v in p64.items():
+        bk.check(layer.grads[k], v.shape, dtype=bk.param_dtype, what=f"grads[{k!r}]")
     want = _torch_fn_vjp(bk, torch, tfn, p64, x_np, g_np, channels_last)
-    for k in p64:
-        bk.check(layer.grads[k], (c,), dtype=bk.param_dtype, what=f"grads[{k!r}]")
     _compare(bk, (y, dx, dict(layer.grads)), want)
 
 
@@ -424,16 +432,7 @@ def test_long_leading_reductions_match_torch(bk, rng, torch_oracle, case):
     x, g = bk.asarray(x_np), bk.asarray(g_np)
     layer = make(c) if channels_last else an.BatchNorm(c, eps=EPS)
     p64 = _load_random_params(bk, rng, layer, x, name, c)
-    before = _snapshot(bk, {"x": x, "dy": g})
-    y = layer.forward(x)
-    dx = layer.backward(g)
-    bk.check(y, shape, what="y")
-    bk.check(dx, shape, what="dx")
-    _assert_unchanged(bk, {"x": x, "dy": g}, before)
-    for k in p64:
-        bk.check(layer.grads[k], (c,), dtype=bk.param_dtype, what=f"grads[{k!r}]")
-    want = _torch_fn_vjp(bk, torch, tfn, p64, x_np, g_np, channels_last)
-    _compare(bk, (y, dx, dict(layer.grads)), want)
+    _layer_vs_torch(bk, torch, layer, tfn, p64, (x_np, g_np, x, g), channels_last)
 
 
 @pytest.mark.backends("numpy")
@@ -553,17 +552,8 @@ def test_long_rows_and_ufunc_buffers_match_torch(bk, rng, torch_oracle, monkeypa
     plans.clear()
     sizes.clear()
     buffer_before = np.getbufsize()
-    before = _snapshot(bk, {"x": x, "dy": g})
-    y = layer.forward(x)
-    dx = layer.backward(g)
+    _layer_vs_torch(bk, torch, layer, tfn, p64, (x_np, g_np, x, g), channels_last)
     assert np.getbufsize() == buffer_before
-    bk.check(y, shape, what="y")
-    bk.check(dx, shape, what="dx")
-    _assert_unchanged(bk, {"x": x, "dy": g}, before)
-    for k in p64:
-        bk.check(layer.grads[k], (c,), dtype=bk.param_dtype, what=f"grads[{k!r}]")
-    want = _torch_fn_vjp(bk, torch, tfn, p64, x_np, g_np, channels_last)
-    _compare(bk, (y, dx, dict(layer.grads)), want)
     if bk.backend == "numpy" and not bk.half:
         if path == "rows":
             assert any(p is not None for p in plans), plans
@@ -613,14 +603,7 @@ def test_blockwise_chains_match_torch(bk, rng, torch_oracle, monkeypatch, case):
     layer = make(c)
     p64 = {} if name == "L2Norm" else _load_random_params(bk, rng, layer, x, name, c)
     made.clear()
-    before = _snapshot(bk, {"x": x, "dy": g})
-    y = layer.forward(x)
-    dx = layer.backward(g)
-    bk.check(y, shape, what="y")
-    bk.check(dx, shape, what="dx")
-    _assert_unchanged(bk, {"x": x, "dy": g}, before)
-    want = _torch_fn_vjp(bk, torch, tfn, p64, x_np, g_np, channels_last)
-    _compare(bk, (y, dx, dict(layer.grads)), want)
+    _layer_vs_torch(bk, torch, layer, tfn, p64, (x_np, g_np, x, g), channels_last)
     assert any(made), made
 
 
