@@ -1159,3 +1159,121 @@ def test_normalized_shape_must_match_trailing_axes(bk, rng, cls, normalized_shap
     with pytest.raises(ValueError, match=r"normalized_shape=.* must equal the trailing axes"):
         layer.forward(x)
     assert layer.params == {}
+
+
+#: name -> (oracle test, shape, normalized_shape, affine[, eps]): LayerNorm and RMSNorm
+#: cases with rows of 12 or 84 values, enough of them for ``_compat.row_blocks`` to take
+#: them in blocks of 1 KiB (the last block shorter)
+ROW_BLOCK_CASES = {
+    "LayerNorm full": ("layer", (8, 9, 10, 12), (12,), "full"),
+    "LayerNorm off": ("layer", (720, 12), (12,), "off"),
+    "LayerNorm nobias, 2 axes": ("layer", (12, 9, 7, 12), (7, 12), "nobias"),
+    "RMSNorm": ("rms", (8, 9, 10, 12), (12,), True, 1e-5),
+    "RMSNorm off, eps None": ("rms", (720, 12), (12,), False, None),
+    "RMSNorm 2 axes": ("rms", (12, 9, 7, 12), (7, 12), True, 1e-6),
+    # without a weight, GroupNorm and InstanceNorm NCHW reduce over trailing axes: rows
+    "GroupNorm NCHW off": ("group", (100, 6, 4, 4), 3, False, False),
+    "InstanceNorm NCHW off": ("instance", (40, 16, 4, 4), False, False),
+}
+
+#: evaluations by ``row_blocks`` per case (every forward and backward of the case that can
+#: take the block path). LayerNorm and RMSNorm layers: two forwards (the first creates the
+#: parameters) and a backward; functional: the forward, the backward's statistics
+#: (LayerNorm only) and the backward.
+#: GroupNorm: the layer's backward, the functional forward and the functional backward's
+#: statistics; InstanceNorm: the layer's backward, in training and in evaluation mode.
+ROW_BLOCK_CALLS = {
+    "LayerNorm full": 6,
+    "LayerNorm off": 6,
+    "LayerNorm nobias, 2 axes": 6,
+    "RMSNorm": 5,
+    "RMSNorm off, eps None": 5,
+    "RMSNorm 2 axes": 5,
+    "GroupNorm NCHW off": 3,
+    "InstanceNorm NCHW off": 2,
+}
+
+
+@pytest.mark.backends("numpy")
+@pytest.mark.parametrize("case", list(ROW_BLOCK_CASES))
+def test_row_blocks_match_torch(bk, rng, torch_oracle, monkeypatch, case):
+    """LayerNorm and RMSNorm (and Group/InstanceNorm without a weight) computed block by
+    block of whole rows (``_compat.row_blocks``: forward, backward and the functional
+    backward's statistics) against torch's float64 autograd, through the full oracle tests
+    of each layer (layer and functional forms: dtypes, shapes, parameter gradients, inputs
+    unchanged).
+    Blocks of 1 KiB give 35-108 blocks of 1-21 rows with a shorter last one; the spy
+    proves every forward and backward took the block path."""
+    from anynorm import _compat
+    from anynorm.functional import _moments
+
+    taken = []
+
+    def spy(*args, **kwargs):
+        taken.append(True)
+        return _compat.row_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(_compat, "_ROW_BLOCK_BYTES", 1024)
+    monkeypatch.setattr(_moments, "row_blocks", spy)
+    kind, *args = ROW_BLOCK_CASES[case]
+    test = {
+        "layer": test_layer_norm_matches_torch,
+        "rms": test_rms_norm_matches_torch,
+        "group": test_group_norm_matches_torch,
+        "instance": test_instance_norm_matches_torch,
+    }[kind]
+    test(bk, rng, torch_oracle, *args)
+    assert taken == [True] * ROW_BLOCK_CALLS[case], taken
+
+
+@pytest.mark.backends("numpy")
+@pytest.mark.dtypes("float32", "float64")
+def test_row_blocks_plan_and_results(bk, monkeypatch):
+    """``_compat.row_block_size`` and ``row_blocks`` directly: equal blocks with a shorter
+    last one; "rows" results stacked in order, "sum" results summed over the blocks,
+    per-row vectors sliced with the rows, tiled vectors cut for the short last block; no
+    blocks for other namespaces, strided or non-2-D input, rows longer than a block and
+    fewer than 32 blocks. ``row_outer`` is the exact outer product."""
+    import array_api_strict
+
+    from anynorm import _compat
+
+    monkeypatch.setattr(_compat, "_ROW_BLOCK_BYTES", 256)
+    xp, dt = bk.xp, np.dtype(bk.dtype_name)
+    per_block = 256 // max(4, dt.itemsize) // 5
+    rows = 32 * per_block + 3  # 33 blocks: equal ones, the last one shorter
+    x = np.arange(rows * 5, dtype=dt).reshape(rows, 5)
+    r = np.arange(rows, dtype=dt)[:, None]
+    t = np.array([[1, 2, 3, 4, 5]], dtype=dt)
+    sizes = []
+
+    def fn(a, v, tile, shared):
+        sizes.append(a.shape[0])
+        assert tile.shape == a.shape and v.shape == (a.shape[0], 1)
+        return a * tile + v + shared, a.sum(axis=0), v[:, 0]
+
+    per = _compat.row_block_size(xp, [x, x], 5)
+    assert per is not None and per <= per_block
+    kinds = ("rows", "sum", "rows")
+    y, s, back = _compat.row_blocks(xp, fn, kinds, per, [x], [r], [t], [dt.type(1)])
+    np.testing.assert_array_equal(y, x * t + r + 1)
+    np.testing.assert_array_equal(s, x.sum(axis=0))
+    np.testing.assert_array_equal(back, r[:, 0])
+    assert sum(sizes) == rows and len(sizes) >= 32
+    assert set(sizes[:-1]) == {per} and 0 < sizes[-1] <= per
+    assert (y.dtype, s.dtype, back.shape) == (dt, dt, (rows,))
+    assert _compat.row_block_size(array_api_strict, [array_api_strict.asarray(x)], 5) is None
+    for declined in (
+        [x[::2]],  # strided
+        [np.ones((64, 65), dt)],  # rows longer than a block
+        [x[: 31 * per_block]],  # 31 blocks
+        [x, x[1:]],  # two shapes
+    ):
+        assert _compat.row_block_size(xp, declined, declined[0].shape[-1]) is None
+    u = np.array([[1.5], [-2.0], [np.inf]], dtype=dt)
+    v = np.array([0.25, -3.0, 0.0, 7.0], dtype=dt)
+    with np.errstate(invalid="ignore"):  # inf·0 is NaN in both
+        got = _compat.row_outer(xp, u, np.stack([v, np.zeros_like(v)]))
+        want = u * v
+    np.testing.assert_array_equal(got, want)
+    assert np.isnan(got[2, 2]) and got.dtype == dt

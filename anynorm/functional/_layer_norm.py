@@ -14,6 +14,7 @@ from ._moments import (
     centered_moments,
     inv_std,
     moments,
+    rows_standardize,
     standardize,
     standardize_backward,
 )
@@ -45,16 +46,24 @@ def _shaped(a, cdt, shape, *, xp):
 
 def _normalize(x, axes, weight, bias, bshape, cdt, eps, *, xp):
     """Standardize over ``axes`` with statistics of ``x``, then the affine map."""
-    mean, var, d = centered_moments(x, axes, cdt, xp=xp)
     weight, bias = _shaped(weight, cdt, bshape, xp=xp), _shaped(bias, cdt, bshape, xp=xp)
+    rows = rows_standardize(x, axes, weight, bias, cdt, eps, xp=xp)
+    if rows is not None:
+        return rows[0]
+    mean, var, d = centered_moments(x, axes, cdt, xp=xp)
     return standardize(x, mean, inv_std(var, eps, xp=xp), weight, bias, axes, xp=xp, centered=d)
 
 
 def _normalize_backward(dy, x, axes, params, weight, bshape, cdt, eps, *, xp):
     """The shared standardize backward with the statistics recomputed from ``x``."""
-    mean, var = moments(x, axes, cdt, xp=xp)
     weight = _shaped(weight, cdt, bshape, xp=xp)
-    return standardize_backward(dy, x, mean, inv_std(var, eps, xp=xp), weight, axes, params, xp=xp)
+    rows = rows_standardize(x, axes, weight, None, cdt, eps, xp=xp, want_y=False)
+    if rows is not None:
+        _, mean, istd = rows
+    else:
+        mean, var = moments(x, axes, cdt, xp=xp)
+        istd = inv_std(var, eps, xp=xp)
+    return standardize_backward(dy, x, mean, istd, weight, axes, params, xp=xp)
 
 
 # --------------------------------------------------------------------------- layer norm

@@ -51,6 +51,9 @@ from .._compat import (
     inplace_ok,
     long_row_views,
     numpy_loops,
+    row_block_size,
+    row_blocks,
+    row_outer,
     vecdot_last,
 )
 
@@ -452,6 +455,11 @@ def _standardize_backward(dy, x, mean, istd, weight, axes, param_axes, frozen, x
     )
     if reduce is not None and (vary or not per_group):
         raise RuntimeError("standardize_backward: `reduce` needs per-group parameters")
+    if not frozen and reduce is None and count is None:
+        blocked = _rows_backward_blocked(g, xc, mean, istd, weight, axes, param_axes, xp=xp)
+        if blocked is not None:
+            dx, dweight, dbias = blocked
+            return as_compute(dx, x.dtype, xp=xp), dweight, dbias
     if not per_group and not frozen and _row_form(g, xc, weight, axes, vary, param_axes, xp):
         dx, dweight, dbias = _rows_backward(g, xc, mean, istd, weight, axes, param_axes, xp=xp)
         return as_compute(dx, x.dtype, xp=xp), dweight, dbias
@@ -585,6 +593,165 @@ def _rows_backward(
     op = functools.partial(_rows_dx, xp, scratch=mean is not None)
     dx = _elementwise(xp, op, vectors, g2, d, chain=True)
     return xp.reshape(dx, shape), dweight, dbias
+
+
+def _row_layout(x: Array, axes: tuple[int, ...], *vectors: Array | None) -> tuple | None:
+    """``(rows, M)`` when ``axes`` are the trailing axes of ``x`` and every given keepdims
+    vector (weight, bias) varies over all of them and nowhere else: the row view of
+    LayerNorm and RMSNorm. None otherwise."""
+    nd = len(x.shape)
+    if tuple(sorted(a % nd for a in axes)) != tuple(range(nd - len(axes), nd)):
+        return None
+    k = nd - len(axes)
+    if any(
+        v is not None and tuple(int(s) for s in v.shape) != (1,) * k + tuple(x.shape[k:])
+        for v in vectors
+    ):
+        return None
+    return math.prod(int(s) for s in x.shape[:k]), math.prod(int(s) for s in x.shape[k:])
+
+
+def rows_standardize(
+    x: Array,
+    axes: tuple[int, ...],
+    weight: Array | None,
+    bias: Array | None,
+    cdt: Any,
+    eps: float,
+    *,
+    xp: Any,
+    centred: bool = True,
+    want_y: bool = True,
+) -> tuple[Array | None, Array | None, Array] | None:
+    """``(y, mean, istd)`` of LayerNorm (``centred``) or RMSNorm over the trailing ``axes``,
+    computed block by block of whole rows where :func:`anynorm._compat.row_block_size`
+    allows (NumPy, at least 32 blocks); None elsewhere (the caller takes the whole-array
+    path).
+
+    Each block is read once and its work stays in cache: the row mean by a matrix-vector
+    product, the centred rows ``d``, ``σ² = d·d/M`` by ``vecdot`` (the same two-pass,
+    centred numerics as the whole-array path), then ``y = d·(istd·γ) + β`` in ``d``'s own
+    buffer, with the per-row factors spread over the row by
+    :func:`anynorm._compat.row_outer`. ``mean`` (None for RMS) and ``istd`` come back with
+    keepdims shapes; ``want_y=False`` returns the statistics only (``y`` None)."""
+    per = row_block_size(xp, [x], _size(x, axes))
+    shape = None if per is None else _row_layout(x, axes, weight, bias)
+    if shape is None:
+        return None
+    rows, m_count = shape
+    x2 = xp.reshape(x, (rows, m_count))
+    lead = tuple(int(s) for s in x.shape[: len(x.shape) - len(axes)])
+    ones = xp.ones(m_count, dtype=cdt, device=device(x))
+    gam = ones if weight is None else xp.reshape(weight, (m_count,))
+    tiled = [xp.reshape(bias, (1, m_count))] if want_y and bias is not None else []
+    fn = functools.partial(
+        _rows_forward_block, xp=xp, cdt=cdt, eps=eps, centred=centred, want_y=want_y
+    )
+    kinds = ("rows",) * (int(want_y) + int(centred) + 1)
+    shared = [ones, _pair(xp, ones), _pair(xp, gam)]
+    res = list(row_blocks(xp, fn, kinds, per, [x2], tiled=tiled, shared=shared))
+    y = xp.reshape(res.pop(0), tuple(x.shape)) if want_y else None
+    keep = (*lead, *([1] * len(axes)))
+    mean = xp.reshape(res.pop(0), keep) if centred else None
+    return y, mean, xp.reshape(res.pop(0), keep)
+
+
+def _pair(xp: Any, v: Array) -> Array:
+    """``[v; 0]``, shape ``(2, M)``: the right operand of :func:`anynorm._compat.row_outer`."""
+    return xp.stack([v, xp.zeros_like(v)])
+
+
+def _rows_forward_block(x, *args, xp, cdt, eps, centred, want_y):
+    """One block of :func:`rows_standardize`; ``args`` are the tiled bias block (when there
+    is one), the ones vector and the pairs ``[1; 0]`` and ``[γ; 0]``. Only called by
+    ``row_blocks``, on NumPy blocks: its fresh temporaries are updated in place."""
+    ones, ones0, gam0 = args[-3:]
+    xc = as_compute(x, cdt, xp=xp)
+    m_count = int(x.shape[1])
+    out = []
+    if centred:
+        mean = (xc @ ones)[:, None] / m_count
+        d = row_outer(xp, -mean, ones0)
+        d += xc  # x − μ, exactly: each entry of the outer product is −μ
+    else:
+        d = xc
+    istd = (1.0 / xp.sqrt(vecdot_last(xp, d, d) / m_count + eps))[:, None]
+    if want_y:
+        scale = row_outer(xp, istd, gam0)
+        if centred:
+            d *= scale
+        else:
+            d = d * scale
+        if len(args) == 4:
+            d += args[0]
+        out.append(as_compute(d, x.dtype, xp=xp))
+    if centred:
+        out.append(mean)
+    out.append(istd)
+    return out
+
+
+def _rows_backward_blocked(g, xc, mean, istd, weight, axes, param_axes, *, xp):
+    """The training-statistics backward of LayerNorm/RMSNorm (and of Group/InstanceNorm
+    without a weight, whose statistics axes are the trailing ones) block by block of whole
+    rows (:func:`row_blocks`, the sums of :func:`_rows_backward`), or None where the layout
+    is not the row view or :func:`row_block_size` declines. ``(dx, dweight, dbias)`` with keepdims
+    parameter gradients."""
+    per = row_block_size(xp, [g, xc], _size(xc, axes))
+    layout = None if per is None else _row_layout(xc, axes, weight)
+    lead = len(xc.shape) - len(axes)
+    if layout is None or (param_axes is not None and set(param_axes) != set(range(lead))):
+        return None
+    rows, m_count = layout
+    g2, x2 = xp.reshape(g, (rows, m_count)), xp.reshape(xc, (rows, m_count))
+    pshape = (*([1] * lead), *(int(s) for s in xc.shape[lead:]))
+    if weight is None:
+        gam = xp.ones(m_count, dtype=x2.dtype, device=device(x2))
+    else:
+        gam = xp.reshape(weight, (m_count,))
+    fn = functools.partial(
+        _rows_backward_block, xp=xp, centred=mean is not None, params=param_axes is not None
+    )
+    kinds = ("rows", "sum", "sum") if param_axes is not None else ("rows",)
+    rowvecs = [xp.reshape(istd, (rows, 1))]
+    if mean is not None:
+        rowvecs.insert(0, xp.reshape(mean, (rows, 1)))
+    shared = [gam, _pair(xp, xp.ones_like(gam)), _pair(xp, gam)]
+    res = row_blocks(xp, fn, kinds, per, [g2, x2], rowvecs, shared=shared)
+    dx = xp.reshape(res[0], tuple(xc.shape))
+    if param_axes is None:
+        return dx, None, None
+    return dx, xp.reshape(res[1], pshape), xp.reshape(res[2], pshape)
+
+
+def _rows_backward_block(g, x, *args, xp, centred, params):
+    """One block of :func:`_rows_backward`: ``(dx, Σ istd·g·d, Σ g)`` with the sums over
+    the block's rows; ``args`` are ``mean`` (when ``centred``) and ``istd`` of the block's
+    rows, ``γ`` and the pairs ``[1; 0]`` and ``[γ; 0]``. Only called by ``row_blocks``, on
+    NumPy blocks: its fresh temporaries are updated in place."""
+    istd, gam, ones0, gam0 = args[-4:]
+    m_count = int(x.shape[1])
+    if centred:
+        d = row_outer(xp, -args[0], ones0)
+        d += x
+    else:
+        d = x
+    p = g * d
+    s = istd[:, 0]
+    m = (-(s * s * s * (p @ gam)) / m_count)[:, None]
+    out = [None]
+    if params:
+        out += [s @ p, xp.ones(int(x.shape[0]), dtype=x.dtype, device=device(x)) @ g]
+    del p
+    dx = g * row_outer(xp, istd, gam0)
+    if centred:
+        dx -= row_outer(xp, (s * (g @ gam) / m_count)[:, None], ones0)
+        d *= row_outer(xp, m, ones0)
+        dx += d
+    else:
+        dx += d * row_outer(xp, m, ones0)
+    out[0] = dx
+    return out
 
 
 def _rows_dx(xp, g, d, gam, s, m, n=None, *, scratch):

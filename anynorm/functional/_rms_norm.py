@@ -6,7 +6,13 @@ from typing import Any
 
 from .. import _validation as V
 from ._layer_norm import _common, _shaped, layer_layout
-from ._moments import inv_std, mean_square, standardize, standardize_backward
+from ._moments import (
+    inv_std,
+    mean_square,
+    rows_standardize,
+    standardize,
+    standardize_backward,
+)
 
 Array = Any
 
@@ -25,8 +31,11 @@ def _prepare(func, x, weight, axis, eps, dy=None):
     eps = rms_eps(func, eps, cdt, xp=xp)
     axes, pshape, bshape, rest = layer_layout(func, x, axis)
     V.check_param(func, "weight", weight, pshape, xp)
-    istd = inv_std(mean_square(x, axes, cdt, xp=xp), eps, xp=xp)
-    return xp, axes, pshape, bshape, rest, istd, _shaped(weight, cdt, bshape, xp=xp)
+    return xp, axes, pshape, bshape, rest, _shaped(weight, cdt, bshape, xp=xp), eps, cdt
+
+
+def _istd(x, axes, cdt, eps, *, xp):
+    return inv_std(mean_square(x, axes, cdt, xp=xp), eps, xp=xp)
 
 
 def rms_norm(
@@ -39,8 +48,11 @@ def rms_norm(
     float16/bfloat16 input), as torch does. ``weight`` has the shape of the ``axis`` sizes.
     """
     func = "anynorm.functional.rms_norm"
-    xp, axes, _, _, _, istd, w = _prepare(func, x, weight, axis, eps)
-    return standardize(x, None, istd, w, None, axes, xp=xp)
+    xp, axes, _, _, _, w, eps, cdt = _prepare(func, x, weight, axis, eps)
+    rows = rows_standardize(x, axes, w, None, cdt, eps, xp=xp, centred=False)
+    if rows is not None:
+        return rows[0]
+    return standardize(x, None, _istd(x, axes, cdt, eps, xp=xp), w, None, axes, xp=xp)
 
 
 def rms_norm_backward(
@@ -52,6 +64,7 @@ def rms_norm_backward(
     reduced size: ``dx = r·(dx̂ − x̂·Σ(dx̂·x̂)/M)``, ``dweight = Σ dy·x̂`` over the other axes.
     """
     func = "anynorm.functional.rms_norm_backward"
-    xp, axes, pshape, _, rest, istd, w = _prepare(func, x, weight, axis, eps, dy)
+    xp, axes, pshape, _, rest, w, eps, cdt = _prepare(func, x, weight, axis, eps, dy)
+    istd = _istd(x, axes, cdt, eps, xp=xp)
     dx, dw, _ = standardize_backward(dy, x, None, istd, w, axes, rest, xp=xp)
     return dx, xp.reshape(dw, pshape)

@@ -19,6 +19,7 @@ from ..functional._moments import (
     centered_moments,
     inv_std,
     mean_square,
+    rows_standardize,
     standardize,
     standardize_backward,
 )
@@ -153,9 +154,13 @@ class LayerNorm(_AffineLayer):
         axes, _, bshape, rest = layer_layout(self._f("forward"), x, self._axes_for(x))
         cdt = compute_dtype(xp, x.dtype)
         weight, bias = self._cast("weight", cdt, bshape, xp), self._cast("bias", cdt, bshape, xp)
-        mean, var, d = centered_moments(x, axes, cdt, xp=xp)
-        istd = inv_std(var, self.eps, xp=xp)
-        y = standardize(x, mean, istd, weight, bias, axes, xp=xp, centered=d)
+        rows = rows_standardize(x, axes, weight, bias, cdt, self.eps, xp=xp)
+        if rows is not None:
+            y, mean, istd = rows
+        else:
+            mean, var, d = centered_moments(x, axes, cdt, xp=xp)
+            istd = inv_std(var, self.eps, xp=xp)
+            y = standardize(x, mean, istd, weight, bias, axes, xp=xp, centered=d)
         return y, (x, mean, istd, weight, axes, rest, False, None)
 
 
@@ -394,8 +399,13 @@ class RMSNorm(_AffineLayer):
         axes, _, bshape, rest = layer_layout(func, x, self._axes_for(x))
         cdt = compute_dtype(xp, x.dtype)
         weight = self._cast("weight", cdt, bshape, xp)
-        istd = inv_std(mean_square(x, axes, cdt, xp=xp), rms_eps(func, self.eps, cdt, xp=xp), xp=xp)
-        y = standardize(x, None, istd, weight, None, axes, xp=xp)
+        eps = rms_eps(func, self.eps, cdt, xp=xp)
+        rows = rows_standardize(x, axes, weight, None, cdt, eps, xp=xp, centred=False)
+        if rows is not None:
+            y, _, istd = rows
+        else:
+            istd = inv_std(mean_square(x, axes, cdt, xp=xp), eps, xp=xp)
+            y = standardize(x, None, istd, weight, None, axes, xp=xp)
         return y, (x, None, istd, weight, axes, rest, False, None)
 
 
