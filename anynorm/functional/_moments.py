@@ -31,7 +31,9 @@ sub-group (sample and channel) over the other reduced axes, then ``S_A = Σ γ·
 ``S_C = Σ γ·C`` per group, and ``dx = k·g + m·x + n`` with per-sample-and-channel
 ``k, m, n``. LayerNorm and RMSNorm (weight over the whole trailing normalized slice) on
 BLAS namespaces take the row form of :func:`_rows_backward`: every sum a matrix-vector
-product on the ``(rows, M)`` view.
+product on the ``(rows, M)`` view. On large NumPy inputs the row form runs block by block
+of whole rows (:func:`rows_standardize`, :func:`_rows_backward_blocked`,
+:func:`anynorm._compat.row_blocks`), forward and backward, each block's work in cache.
 """
 
 from __future__ import annotations
