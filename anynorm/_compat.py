@@ -619,22 +619,20 @@ def row_blocks(
 
 
 def row_outer(xp: Namespace, u: Array, pair: Array) -> Array:
-    """``u·v``, shape ``(B, M)``, for a per-row column ``u`` ``(B, 1)`` and ``pair = [v; 0]``
-    ``(2, M)``: the matrix product ``[u, 0] @ [v; 0]``. Exact: each entry is the one
-    product ``u_i·v_j`` plus ``0·0``.
+    """``u·v``, shape ``(B, M)``, for NumPy arrays: a per-row column ``u`` ``(B, 1)`` and
+    ``pair = [v; 0]`` ``(2, M)``, as the matrix product ``[u, 0] @ [v; 0]``. Exact: each
+    entry is the one product ``u_i·v_j`` plus ``0·0`` (a ``−0`` product comes out ``+0``).
 
     A performance choice for the blocks of :func:`row_blocks`, which the standard cannot
     express: NumPy broadcasts ``u`` along rows of 64 values through its ufunc buffer
     (17.5 µs for a 512×64 float32 multiply in cache, against 6.1 µs for two full operands),
     while this product is one BLAS call (4.4 µs; NumPy's ``matmul`` with an inner dimension
     of 1 is far slower, 66 µs) and gives a full-size operand."""
-    if is_numpy_namespace(xp):  # the namespace wrappers cost more than the product here
-        import numpy as np
+    import numpy as np  # NumPy blocks only; the namespace wrappers cost more than the product
 
-        left = np.zeros((u.shape[0], 2), dtype=u.dtype)
-        left[:, :1] = u
-        return left @ pair
-    return xp.concat([u, xp.zeros_like(u)], axis=1) @ pair
+    left = np.zeros((u.shape[0], 2), dtype=u.dtype)
+    left[:, :1] = u
+    return left @ pair
 
 
 def _vector_block(v: Array, idx: tuple, bax: int, rows: slice) -> Array:

@@ -622,10 +622,10 @@ def rows_standardize(
     eps: float,
     *,
     xp: Any,
-    centred: bool = True,
+    rms: bool = False,
     want_y: bool = True,
 ) -> tuple[Array | None, Array | None, Array] | None:
-    """``(y, mean, istd)`` of LayerNorm (``centred``) or RMSNorm over the trailing ``axes``,
+    """``(y, mean, istd)`` of LayerNorm (or of RMSNorm: ``rms``) over the trailing ``axes``,
     computed block by block of whole rows where :func:`anynorm._compat.row_block_size`
     allows (NumPy, at least 32 blocks); None elsewhere (the caller takes the whole-array
     path).
@@ -647,14 +647,14 @@ def rows_standardize(
     gam = ones if weight is None else xp.reshape(weight, (m_count,))
     tiled = [xp.reshape(bias, (1, m_count))] if want_y and bias is not None else []
     fn = functools.partial(
-        _rows_forward_block, xp=xp, cdt=cdt, eps=eps, centred=centred, want_y=want_y
+        _rows_forward_block, xp=xp, cdt=cdt, eps=eps, centred=not rms, want_y=want_y
     )
-    kinds = ("rows",) * (int(want_y) + int(centred) + 1)
+    kinds = ("rows",) * (int(want_y) + int(not rms) + 1)
     shared = [ones, _pair(xp, ones), _pair(xp, gam)]
     res = list(row_blocks(xp, fn, kinds, per, [x2], tiled=tiled, shared=shared))
     y = xp.reshape(res.pop(0), tuple(x.shape)) if want_y else None
     keep = (*lead, *([1] * len(axes)))
-    mean = xp.reshape(res.pop(0), keep) if centred else None
+    mean = None if rms else xp.reshape(res.pop(0), keep)
     return y, mean, xp.reshape(res.pop(0), keep)
 
 
@@ -694,8 +694,9 @@ def _rows_forward_block(x, *args, xp, cdt, eps, centred, want_y):
 
 
 def _rows_backward_blocked(g, xc, mean, istd, weight, axes, param_axes, *, xp):
-    """The training-statistics backward of LayerNorm/RMSNorm (and of Group/InstanceNorm
-    without a weight, whose statistics axes are the trailing ones) block by block of whole
+    """The training-statistics backward of LayerNorm/RMSNorm (and of the GroupNorm and
+    InstanceNorm layers without a weight, whose statistics axes are the trailing ones on
+    channels-first input and which want no parameter gradients) block by block of whole
     rows (:func:`row_blocks`, the sums of :func:`_rows_backward`), or None where the layout
     is not the row view or :func:`row_block_size` declines. ``(dx, dweight, dbias)`` with keepdims
     parameter gradients."""
@@ -740,7 +741,7 @@ def _rows_backward_block(g, x, *args, xp, centred, params):
         d = x
     p = g * d
     s = istd[:, 0]
-    m = (-(s * s * s * (p @ gam)) / m_count)[:, None]
+    m = (-(s * s * (s * (p @ gam))) / m_count)[:, None]  # istd³ alone overflows at eps=0
     out = [None]
     if params:
         out += [s @ p, xp.ones(int(x.shape[0]), dtype=x.dtype, device=device(x)) @ g]

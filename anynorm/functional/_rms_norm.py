@@ -49,7 +49,7 @@ def rms_norm(
     """
     func = "anynorm.functional.rms_norm"
     xp, axes, _, _, _, w, eps, cdt = _prepare(func, x, weight, axis, eps)
-    rows = rows_standardize(x, axes, w, None, cdt, eps, xp=xp, centred=False)
+    rows = rows_standardize(x, axes, w, None, cdt, eps, xp=xp, rms=True)
     if rows is not None:
         return rows[0]
     return standardize(x, None, _istd(x, axes, cdt, eps, xp=xp), w, None, axes, xp=xp)

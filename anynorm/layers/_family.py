@@ -400,7 +400,7 @@ class RMSNorm(_AffineLayer):
         cdt = compute_dtype(xp, x.dtype)
         weight = self._cast("weight", cdt, bshape, xp)
         eps = rms_eps(func, self.eps, cdt, xp=xp)
-        rows = rows_standardize(x, axes, weight, None, cdt, eps, xp=xp, centred=False)
+        rows = rows_standardize(x, axes, weight, None, cdt, eps, xp=xp, rms=True)
         if rows is not None:
             y, _, istd = rows
         else:
