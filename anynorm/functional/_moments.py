@@ -462,7 +462,7 @@ def _standardize_backward(dy, x, mean, istd, weight, axes, param_axes, frozen, x
         if blocked is not None:
             dx, dweight, dbias = blocked
             return as_compute(dx, x.dtype, xp=xp), dweight, dbias
-    if not per_group and not frozen and _row_form(g, xc, weight, axes, vary, param_axes, xp):
+    if not per_group and not frozen and _row_form(g, xc, weight, axes, param_axes, xp):
         dx, dweight, dbias = _rows_backward(g, xc, mean, istd, weight, axes, param_axes, xp=xp)
         return as_compute(dx, x.dtype, xp=xp), dweight, dbias
     if per_group:
@@ -530,18 +530,15 @@ def _standardize_backward(dy, x, mean, istd, weight, axes, param_axes, frozen, x
     return as_compute(dx, x.dtype, xp=xp), dweight, dbias
 
 
-def _row_form(g, xc, weight, axes, vary, param_axes, xp) -> bool:
-    """Can :func:`_rows_backward` take this case? LayerNorm/RMSNorm: the statistics axes are
-    the trailing ones, the weight varies over all of them and nowhere else, the parameter
-    gradients sum over the leading axes, and the sums may go through BLAS."""
-    nd = len(xc.shape)
-    trailing = tuple(range(nd - len(axes), nd))
+def _row_form(g, xc, weight, axes, param_axes, xp) -> bool:
+    """Can :func:`_rows_backward` take this case? LayerNorm/RMSNorm: the weight spans the
+    trailing statistics axes (:func:`_row_layout`), the parameter gradients sum over the
+    leading axes, and the sums may go through BLAS."""
+    lead = tuple(range(len(xc.shape) - len(axes)))
     return (
         weight is not None
-        and tuple(sorted(a % nd for a in axes)) == trailing
-        and tuple(sorted(a % nd for a in vary)) == trailing
-        and _constant_over(weight, tuple(range(nd - len(axes))))
-        and (param_axes is None or tuple(sorted(param_axes)) == tuple(range(nd - len(axes))))
+        and _row_layout(xc, axes, weight) is not None
+        and (param_axes is None or tuple(sorted(param_axes)) == lead)
         and blas_sums(xp, xc)
         and blas_sums(xp, g)
     )
