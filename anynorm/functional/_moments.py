@@ -597,17 +597,17 @@ def _rows_backward(
 def _row_layout(x: Array, axes: tuple[int, ...], *vectors: Array | None) -> tuple | None:
     """``(rows, M)`` when ``axes`` are the trailing axes of ``x`` and every given keepdims
     vector (weight, bias) varies over all of them and nowhere else: the row view of
-    LayerNorm and RMSNorm. None otherwise."""
+    LayerNorm and RMSNorm. None otherwise. (Lists and loops, no generator expressions:
+    ``torch.compile(fullgraph=True)`` traces this.)"""
     nd = len(x.shape)
-    if tuple(sorted(a % nd for a in axes)) != tuple(range(nd - len(axes), nd)):
+    if sorted([a % nd for a in axes]) != list(range(nd - len(axes), nd)):
         return None
     k = nd - len(axes)
-    if any(
-        v is not None and tuple(int(s) for s in v.shape) != (1,) * k + tuple(x.shape[k:])
-        for v in vectors
-    ):
-        return None
-    return math.prod(int(s) for s in x.shape[:k]), math.prod(int(s) for s in x.shape[k:])
+    row = [1] * k + [int(s) for s in x.shape[k:]]
+    for v in vectors:
+        if v is not None and [int(s) for s in v.shape] != row:
+            return None
+    return _size(x, tuple(range(k))), _size(x, tuple(range(k, nd)))
 
 
 def rows_standardize(
