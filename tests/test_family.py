@@ -1180,8 +1180,9 @@ ROW_BLOCK_CASES = {
 #: take the block path). LayerNorm and RMSNorm layers: two forwards (the first creates the
 #: parameters) and a backward; functional: the forward, the backward's statistics
 #: (LayerNorm only) and the backward.
-#: GroupNorm: the layer's backward, the functional forward and the functional backward's
-#: statistics; InstanceNorm: the layer's backward, in training and in evaluation mode.
+#: GroupNorm: the layer's two forwards and its backward, the functional forward and the
+#: functional backward's statistics; InstanceNorm: the layer's backward, in training and in
+#: evaluation mode.
 ROW_BLOCK_CALLS = {
     "LayerNorm full": 6,
     "LayerNorm off": 6,
@@ -1189,7 +1190,7 @@ ROW_BLOCK_CALLS = {
     "RMSNorm": 5,
     "RMSNorm off, eps None": 5,
     "RMSNorm 2 axes": 5,
-    "GroupNorm NCHW off": 3,
+    "GroupNorm NCHW off": 5,
     "InstanceNorm NCHW off": 2,
 }
 

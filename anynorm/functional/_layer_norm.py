@@ -11,9 +11,9 @@ from ._moments import (
     _size,
     as_compute,
     batch_or_frozen,
-    centered_moments,
     inv_std,
     moments,
+    normalize,
     rows_standardize,
     standardize,
     standardize_backward,
@@ -47,11 +47,7 @@ def _shaped(a, cdt, shape, *, xp):
 def _normalize(x, axes, weight, bias, bshape, cdt, eps, *, xp):
     """Standardize over ``axes`` with statistics of ``x``, then the affine map."""
     weight, bias = _shaped(weight, cdt, bshape, xp=xp), _shaped(bias, cdt, bshape, xp=xp)
-    rows = rows_standardize(x, axes, weight, bias, cdt, eps, xp=xp)
-    if rows is not None:
-        return rows[0]
-    mean, var, d = centered_moments(x, axes, cdt, xp=xp)
-    return standardize(x, mean, inv_std(var, eps, xp=xp), weight, bias, axes, xp=xp, centered=d)
+    return normalize(x, axes, weight, bias, cdt, eps, xp=xp)[0]
 
 
 def _normalize_backward(dy, x, axes, params, weight, bshape, cdt, eps, *, xp):

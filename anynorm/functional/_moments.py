@@ -655,6 +655,31 @@ def rows_standardize(
     return y, mean, xp.reshape(res.pop(0), keep)
 
 
+def normalize(
+    x: Array,
+    axes: tuple[int, ...],
+    weight: Array | None,
+    bias: Array | None,
+    cdt: Any,
+    eps: float,
+    *,
+    xp: Any,
+    rms: bool = False,
+) -> tuple[Array, Array | None, Array]:
+    """``(y, mean, istd)``: standardize ``x`` over ``axes`` with its own statistics (RMS:
+    uncentred, ``mean`` None), then the affine map. Row blocks where
+    :func:`rows_standardize` takes the case, else the whole-array path."""
+    rows = rows_standardize(x, axes, weight, bias, cdt, eps, xp=xp, rms=rms)
+    if rows is not None:
+        return rows
+    if rms:
+        istd = inv_std(mean_square(x, axes, cdt, xp=xp), eps, xp=xp)
+        return standardize(x, None, istd, weight, bias, axes, xp=xp), None, istd
+    mean, var, d = centered_moments(x, axes, cdt, xp=xp)
+    istd = inv_std(var, eps, xp=xp)
+    return standardize(x, mean, istd, weight, bias, axes, xp=xp, centered=d), mean, istd
+
+
 def _pair(xp: Any, v: Array) -> Array:
     """``[v; 0]``, shape ``(2, M)``: the right operand of :func:`anynorm._compat.row_outer`."""
     return xp.stack([v, xp.zeros_like(v)])

@@ -9,8 +9,7 @@ from ._layer_norm import _common, _shaped, layer_layout
 from ._moments import (
     inv_std,
     mean_square,
-    rows_standardize,
-    standardize,
+    normalize,
     standardize_backward,
 )
 
@@ -49,10 +48,7 @@ def rms_norm(
     """
     func = "anynorm.functional.rms_norm"
     xp, axes, _, _, _, w, eps, cdt = _prepare(func, x, weight, axis, eps)
-    rows = rows_standardize(x, axes, w, None, cdt, eps, xp=xp, rms=True)
-    if rows is not None:
-        return rows[0]
-    return standardize(x, None, _istd(x, axes, cdt, eps, xp=xp), w, None, axes, xp=xp)
+    return normalize(x, axes, w, None, cdt, eps, xp=xp, rms=True)[0]
 
 
 def rms_norm_backward(

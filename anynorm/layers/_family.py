@@ -18,8 +18,7 @@ from ..functional._moments import (
     _size,
     centered_moments,
     inv_std,
-    mean_square,
-    rows_standardize,
+    normalize,
     standardize,
     standardize_backward,
 )
@@ -154,13 +153,7 @@ class LayerNorm(_AffineLayer):
         axes, _, bshape, rest = layer_layout(self._f("forward"), x, self._axes_for(x))
         cdt = compute_dtype(xp, x.dtype)
         weight, bias = self._cast("weight", cdt, bshape, xp), self._cast("bias", cdt, bshape, xp)
-        rows = rows_standardize(x, axes, weight, bias, cdt, self.eps, xp=xp)
-        if rows is not None:
-            y, mean, istd = rows
-        else:
-            mean, var, d = centered_moments(x, axes, cdt, xp=xp)
-            istd = inv_std(var, self.eps, xp=xp)
-            y = standardize(x, mean, istd, weight, bias, axes, xp=xp, centered=d)
+        y, mean, istd = normalize(x, axes, weight, bias, cdt, self.eps, xp=xp)
         return y, (x, mean, istd, weight, axes, rest, False, None)
 
 
@@ -230,10 +223,7 @@ class GroupNorm(_AffineLayer):
         gshape, stats, bshape, params, _ = self._layout(x)
         cdt = compute_dtype(xp, x.dtype)
         weight, bias = self._cast("weight", cdt, bshape, xp), self._cast("bias", cdt, bshape, xp)
-        xg = xp.reshape(x, gshape)
-        mean, var, d = centered_moments(xg, stats, cdt, xp=xp)
-        istd = inv_std(var, self.eps, xp=xp)
-        y = standardize(xg, mean, istd, weight, bias, stats, xp=xp, centered=d)
+        y, mean, istd = normalize(xp.reshape(x, gshape), stats, weight, bias, cdt, self.eps, xp=xp)
         y = xp.reshape(y, x.shape)
         return y, (x, mean, istd, weight, stats, params, False, gshape)
 
@@ -400,12 +390,7 @@ class RMSNorm(_AffineLayer):
         cdt = compute_dtype(xp, x.dtype)
         weight = self._cast("weight", cdt, bshape, xp)
         eps = rms_eps(func, self.eps, cdt, xp=xp)
-        rows = rows_standardize(x, axes, weight, None, cdt, eps, xp=xp, rms=True)
-        if rows is not None:
-            y, _, istd = rows
-        else:
-            istd = inv_std(mean_square(x, axes, cdt, xp=xp), eps, xp=xp)
-            y = standardize(x, None, istd, weight, None, axes, xp=xp)
+        y, _, istd = normalize(x, axes, weight, None, cdt, eps, xp=xp, rms=True)
         return y, (x, None, istd, weight, axes, rest, False, None)
 
 
