@@ -252,6 +252,10 @@ def pytest_configure(config):
     config._anynorm_cases = cases
     config.addinivalue_line("markers", "dtypes(*names): restrict `bk` to these dtypes")
     config.addinivalue_line("markers", "backends(*names): restrict `bk` to these backends")
+    config.addinivalue_line(
+        "markers",
+        "small_path: keep anynorm's plain path for small inputs (see fast_paths_at_test_sizes)",
+    )
 
 
 def pytest_report_header(config):
@@ -275,6 +279,19 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261121)
+
+
+@pytest.fixture(autouse=True)
+def fast_paths_at_test_sizes(request, monkeypatch):
+    """Below ``anynorm.functional._moments._SMALL`` values anynorm skips planning its fast
+    paths (BLAS sums, blocked sums of products, long-row views, blocks) and runs the plain
+    operations. Test arrays are almost all that small, so every test runs with the threshold
+    at 0: the fast paths are what the oracle tests check, at test sizes. Tests marked
+    ``small_path`` keep the production threshold and check the plain path."""
+    if request.node.get_closest_marker("small_path") is None:
+        from anynorm.functional import _moments
+
+        monkeypatch.setattr(_moments, "_SMALL", 0)
 
 
 @pytest.fixture

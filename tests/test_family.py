@@ -20,6 +20,7 @@ input shapes, and each layer test also checks the functional form on the same da
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -637,6 +638,122 @@ def test_long_row_plans(bk):
     assert long_row_views(bk.xp, [x], [v, w]) is None  # two patterns
     assert long_row_views(bk.xp, [x[:, ::2]], [v[..., ::2]]) is None  # strided
     assert long_row_views(bk.xp, [x], [v[0]]) is None  # not keepdims
+
+
+def _small_cases(torch):
+    """name -> (layer maker, torch functional, input shape, channels_last, features): inputs
+    of fewer than ``_moments._SMALL`` values, one per kind of reduction."""
+    F = torch.nn.functional
+
+    def bn(t, weight, bias):
+        return F.batch_norm(t, None, None, weight, bias, True, 0.1, EPS)
+
+    def gn(t, weight, bias):
+        return F.group_norm(t, 3, weight, bias, EPS)
+
+    def inorm(t, weight, bias):
+        return F.instance_norm(t, weight=weight, bias=bias, eps=EPS)
+
+    def ln(t, weight, bias):
+        return F.layer_norm(t, (t.shape[-1],), weight, bias, EPS)
+
+    def rms(t, weight):
+        return F.rms_norm(t, (t.shape[-1],), weight, EPS)
+
+    return {
+        "BatchNorm 2-D": (lambda: an.BatchNorm(12, eps=EPS), bn, (32, 12), False, 12),
+        "BatchNorm NCHW": (lambda: an.BatchNorm(6, eps=EPS), bn, (4, 6, 5, 7), False, 6),
+        "BatchNorm NHWC": (lambda: an.BatchNorm(6, axis=-1, eps=EPS), bn, (4, 5, 7, 6), True, 6),
+        "GroupNorm NCHW": (lambda: an.GroupNorm(3, 6, eps=EPS), gn, (4, 6, 5, 7), False, 6),
+        "GroupNorm NHWC": (
+            lambda: an.GroupNorm(3, 6, axis=-1, eps=EPS),
+            gn,
+            (4, 5, 7, 6),
+            True,
+            6,
+        ),
+        "InstanceNorm NCHW": (
+            lambda: an.InstanceNorm(6, affine=True, eps=EPS),
+            inorm,
+            (4, 6, 5, 7),
+            False,
+            6,
+        ),
+        "LayerNorm": (lambda: an.LayerNorm(12, eps=EPS), ln, (32, 12), False, 12),
+        "RMSNorm": (lambda: an.RMSNorm(12, eps=EPS), rms, (3, 8, 12), False, 12),
+    }
+
+
+def _fast_path_spy(monkeypatch):
+    """Records every call of the planning that only the fast paths reach (the largest run
+    of reduced axes for BLAS/blocked sums, the long-row views of elementwise work)."""
+    from anynorm.functional import _moments
+
+    calls = []
+    for name in ("_main_run", "long_row_views"):
+        real = getattr(_moments, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(_moments, name, spy)
+    return calls
+
+
+@pytest.mark.small_path
+@pytest.mark.parametrize(
+    "case",
+    [
+        "BatchNorm 2-D",
+        "BatchNorm NCHW",
+        "BatchNorm NHWC",
+        "GroupNorm NCHW",
+        "GroupNorm NHWC",
+        "InstanceNorm NCHW",
+        "LayerNorm",
+        "RMSNorm",
+    ],
+)
+def test_small_inputs_take_the_plain_path(bk, rng, torch_oracle, monkeypatch, case):
+    """Inputs of fewer than ``_moments._SMALL`` values (the production threshold; every
+    other test sets it to 0) run plain sums and elementwise operations without planning the
+    fast paths, on every backend: against torch's float64 autograd (random parameters and
+    upstream gradient; namespace, dtype, device and shape of every output; inputs
+    unchanged), and no fast-path planning was called."""
+    from anynorm.functional import _moments
+
+    make, tfn, shape, channels_last, c = _small_cases(torch_oracle)[case]
+    assert math.prod(shape) < _moments._SMALL
+    calls = _fast_path_spy(monkeypatch)
+    x_np, g_np = _data(rng, shape), rng.standard_normal(shape)
+    x, g = bk.asarray(x_np), bk.asarray(g_np)
+    layer = make()
+    p64 = _load_random_params(bk, rng, layer, x, case.split()[0], c)
+    calls.clear()
+    _layer_vs_torch(bk, torch_oracle, layer, tfn, p64, (x_np, g_np, x, g), channels_last)
+    assert calls == []
+
+
+@pytest.mark.small_path
+@pytest.mark.backends("numpy")
+@pytest.mark.parametrize("above", [False, True])
+def test_small_threshold_boundary(bk, rng, torch_oracle, monkeypatch, above):
+    """An input of exactly ``_SMALL`` values takes the fast paths, one value fewer than the
+    threshold the plain path; both match torch's float64 autograd."""
+    from anynorm.functional import _moments
+
+    make, tfn, shape, channels_last, c = _small_cases(torch_oracle)["BatchNorm NCHW"]
+    size = math.prod(shape)
+    monkeypatch.setattr(_moments, "_SMALL", size + (1 if above else 0))
+    calls = _fast_path_spy(monkeypatch)
+    x_np, g_np = _data(rng, shape), rng.standard_normal(shape)
+    x, g = bk.asarray(x_np), bk.asarray(g_np)
+    layer = make()
+    p64 = _load_random_params(bk, rng, layer, x, "BatchNorm", c)
+    calls.clear()
+    _layer_vs_torch(bk, torch_oracle, layer, tfn, p64, (x_np, g_np, x, g), channels_last)
+    assert (calls == []) == above, calls
 
 
 @pytest.mark.backends("numpy")
