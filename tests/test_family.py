@@ -1398,6 +1398,44 @@ def test_row_blocks_plan_and_results(bk, monkeypatch):
 
 
 @pytest.mark.backends("numpy")
+@pytest.mark.dtypes("float16")
+@pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm"])
+def test_row_blocks_float16_backward_memory(bk, rng, torch_oracle, monkeypatch, name):
+    """float16 input on the row-block backward: ``x`` and ``dy`` are cast to float32 block
+    by block and ``dx`` written back in float16 per block, so the backward's peak
+    allocation is the float16 ``dx`` plus blocks (under 1.5× the float16 input; full
+    float32 copies of ``x`` and ``dy`` alone would be 4×). Values against torch's float64
+    autograd, random parameters and upstream gradient."""
+    import tracemalloc
+
+    from anynorm import _compat
+
+    monkeypatch.setattr(_compat, "_ROW_BLOCK_BYTES", 16384)  # 32 blocks of 64 rows
+    shape = (2048, 64)
+    x_np, g_np = _data(rng, shape), rng.standard_normal(shape)
+    x, g = bk.asarray(x_np), bk.asarray(g_np)
+    layer = an.LayerNorm(64, eps=EPS) if name == "LayerNorm" else an.RMSNorm(64, eps=EPS)
+    p64 = _load_random_params(bk, rng, layer, x, name, 64)
+    y = layer.forward(x)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        dx = layer.backward(g)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * x.nbytes, (peak, x.nbytes)
+    bk.check(dx, shape, what="dx")
+    F = torch_oracle.nn.functional
+    if name == "LayerNorm":
+        tfn = lambda t, weight, bias: F.layer_norm(t, (64,), weight, bias, EPS)  # noqa: E731
+    else:
+        tfn = lambda t, weight: F.rms_norm(t, (64,), weight, EPS)  # noqa: E731
+    want = _torch_fn_vjp(bk, torch_oracle, tfn, p64, x_np, g_np, False)
+    _compare(bk, (y, dx, dict(layer.grads)), want)
+
+
+@pytest.mark.backends("numpy")
 @pytest.mark.dtypes("float32")
 @pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm"])
 def test_row_blocks_tiny_variance_eps_zero(bk, rng, torch_oracle, monkeypatch, name):

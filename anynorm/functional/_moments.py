@@ -464,6 +464,11 @@ def standardize_backward(
 
 def _standardize_backward(dy, x, mean, istd, weight, axes, param_axes, frozen, xp, reduce, count):
     cdt = istd.dtype
+    if not frozen and reduce is None and count is None:
+        # before any cast: the blocks cast float16 input themselves
+        blocked = _rows_backward_blocked(dy, x, mean, istd, weight, axes, param_axes, xp=xp)
+        if blocked is not None:
+            return blocked
     g = as_compute(dy, cdt, xp=xp)
     xc = as_compute(x, cdt, xp=xp)
     m_count = _size(x, axes) if count is None else count
@@ -477,11 +482,6 @@ def _standardize_backward(dy, x, mean, istd, weight, axes, param_axes, frozen, x
     )
     if reduce is not None and (vary or not per_group):
         raise RuntimeError("standardize_backward: `reduce` needs per-group parameters")
-    if not frozen and reduce is None and count is None:
-        blocked = _rows_backward_blocked(g, xc, mean, istd, weight, axes, param_axes, xp=xp)
-        if blocked is not None:
-            dx, dweight, dbias = blocked
-            return as_compute(dx, x.dtype, xp=xp), dweight, dbias
     if not per_group and not frozen and _row_form(g, xc, weight, axes, param_axes, xp):
         dx, dweight, dbias = _rows_backward(g, xc, mean, istd, weight, axes, param_axes, xp=xp)
         return as_compute(dx, x.dtype, xp=xp), dweight, dbias
@@ -735,23 +735,27 @@ def _rows_forward_block(x, *args, xp, cdt, eps, centred, want_y):
     return out
 
 
-def _rows_backward_blocked(g, xc, mean, istd, weight, axes, param_axes, *, xp):
+def _rows_backward_blocked(dy, x, mean, istd, weight, axes, param_axes, *, xp):
     """The training-statistics backward of LayerNorm/RMSNorm (and of the GroupNorm and
     InstanceNorm layers without a weight, whose statistics axes are the trailing ones on
     channels-first input and which want no parameter gradients) block by block of whole
     rows (:func:`row_blocks`, the sums of :func:`_rows_backward`), or None where the layout
-    is not the row view or :func:`row_block_size` declines. ``(dx, dweight, dbias)`` with keepdims
-    parameter gradients."""
-    per = row_block_size(xp, [g, xc], _size(xc, axes))
-    layout = None if per is None else _row_layout(xc, axes, weight)
-    lead = len(xc.shape) - len(axes)
+    is not the row view or :func:`row_block_size` declines. ``(dx, dweight, dbias)``:
+    ``dx`` in ``x.dtype``, keepdims parameter gradients in the compute dtype. ``dy`` and
+    ``x`` come as the caller gave them: float16 is cast to the compute dtype block by
+    block, and ``dx`` cast back per block (no full-size float32 copy)."""
+    per = row_block_size(xp, [dy, x], _size(x, axes))
+    layout = None if per is None else _row_layout(x, axes, weight)
+    lead = len(x.shape) - len(axes)
     if layout is None or (param_axes is not None and set(param_axes) != set(range(lead))):
         return None
+    if dy.dtype != x.dtype:
+        return None
     rows, m_count = layout
-    g2, x2 = xp.reshape(g, (rows, m_count)), xp.reshape(xc, (rows, m_count))
-    pshape = (*([1] * lead), *(int(s) for s in xc.shape[lead:]))
+    g2, x2 = xp.reshape(dy, (rows, m_count)), xp.reshape(x, (rows, m_count))
+    pshape = (*([1] * lead), *(int(s) for s in x.shape[lead:]))
     if weight is None:
-        gam = xp.ones(m_count, dtype=x2.dtype, device=device(x2))
+        gam = xp.ones(m_count, dtype=istd.dtype, device=device(x2))
     else:
         gam = xp.reshape(weight, (m_count,))
     fn = functools.partial(
@@ -763,7 +767,7 @@ def _rows_backward_blocked(g, xc, mean, istd, weight, axes, param_axes, *, xp):
         rowvecs.insert(0, xp.reshape(mean, (rows, 1)))
     shared = [gam, _pair(xp, xp.ones_like(gam)), _pair(xp, gam)]
     res = row_blocks(xp, fn, kinds, per, [g2, x2], rowvecs, shared=shared)
-    dx = xp.reshape(res[0], tuple(xc.shape))
+    dx = xp.reshape(res[0], tuple(x.shape))
     if param_axes is None:
         return dx, None, None
     return dx, xp.reshape(res[1], pshape), xp.reshape(res[2], pshape)
@@ -772,9 +776,13 @@ def _rows_backward_blocked(g, xc, mean, istd, weight, axes, param_axes, *, xp):
 def _rows_backward_block(g, x, *args, xp, centred, params):
     """One block of :func:`_rows_backward`: ``(dx, Σ istd·g·d, Σ g)`` with the sums over
     the block's rows; ``args`` are ``mean`` (when ``centred``) and ``istd`` of the block's
-    rows, ``γ`` and the pairs ``[1; 0]`` and ``[γ; 0]``. Only called by ``row_blocks``, on
-    NumPy blocks: its fresh temporaries are updated in place."""
+    rows, ``γ`` and the pairs ``[1; 0]`` and ``[γ; 0]``. ``g`` and ``x`` are blocks of the
+    caller's arrays, cast here to the compute dtype (``istd``'s); ``dx`` comes back in
+    ``x``'s own dtype. Only called by ``row_blocks``, on NumPy blocks: its fresh
+    temporaries are updated in place (never ``g`` or ``x``)."""
     istd, gam, ones0, gam0 = args[-4:]
+    out_dtype = x.dtype
+    g, x = as_compute(g, istd.dtype, xp=xp), as_compute(x, istd.dtype, xp=xp)
     m_count = int(x.shape[1])
     if centred:
         d = row_outer(xp, -args[0], ones0)
@@ -795,7 +803,7 @@ def _rows_backward_block(g, x, *args, xp, centred, params):
         dx += d
     else:
         dx += d * row_outer(xp, m, ones0)
-    out[0] = dx
+    out[0] = as_compute(dx, out_dtype, xp=xp)
     return out
 
 
