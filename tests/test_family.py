@@ -1397,6 +1397,162 @@ def test_row_blocks_plan_and_results(bk, monkeypatch):
     assert np.isnan(got[2, 2]) and got.dtype == dt
 
 
+#: name -> (layer maker, torch functional, input shape, channels_last, features): the
+#: per-group layers whose float16 input NumPy casts chunk by chunk along axis 0
+CAST_CHUNK_CASES = {
+    "BatchNorm NCHW": ("BatchNorm", 1, (7, 6, 5, 4)),
+    "BatchNorm NHWC": ("BatchNorm", -1, (7, 5, 4, 6)),
+    "BatchNorm 2-D": ("BatchNorm", 1, (50, 6)),
+    "BatchNorm NCHW eval": ("BatchNorm eval", 1, (7, 6, 5, 4)),
+    "GroupNorm NCHW": ("GroupNorm", 1, (7, 6, 5, 4)),
+    "GroupNorm NHWC": ("GroupNorm", -1, (7, 5, 4, 6)),
+    "InstanceNorm NCHW": ("InstanceNorm", 1, (7, 6, 5, 4)),
+    "InstanceNorm NHWC": ("InstanceNorm", -1, (7, 5, 4, 6)),
+    "L2Norm NCHW": ("L2Norm", 1, (7, 6, 5, 4)),
+    "L1Norm NHWC": ("L1Norm", -1, (7, 5, 4, 6)),
+    "L2Norm over axis 0": ("L2Norm", 0, (7, 6)),
+    # below the row-block size: chunked statistics and y (istd and γ applied separately)
+    "LayerNorm": ("LayerNorm", -1, (7, 5, 4, 6)),
+}
+
+
+@pytest.mark.backends("numpy")
+@pytest.mark.dtypes("float16")
+@pytest.mark.parametrize("case", list(CAST_CHUNK_CASES))
+def test_float16_cast_chunks_match_torch(bk, rng, torch_oracle, monkeypatch, case):
+    """float16 input of the per-group layers (BatchNorm, GroupNorm, InstanceNorm; training
+    and BatchNorm's evaluation mode) and of L1/L2 (also over axis 0, where the chunk sums
+    add up) cast to float32 chunk by chunk along axis 0
+    (``_moments._chunks``, ``_chunk_moments``): chunks of 2 samples, the last one shorter,
+    for the statistics, ``y``, the sums of the backward and ``dx``, against torch's float64
+    autograd with random parameters and upstream gradient (namespace, dtype, device, shape,
+    inputs unchanged). A spy proves the chunked path ran."""
+    from anynorm.functional import _moments
+
+    F = torch_oracle.nn.functional
+    name, axis, shape = CAST_CHUNK_CASES[case]
+    c = shape[axis]
+    row = math.prod(shape[1:]) * 4
+    monkeypatch.setattr(_moments, "_CAST_CHUNK_BYTES", 2 * row)
+    calls = []
+    real_chunks, real_moments = _moments._chunks, _moments._chunk_moments
+
+    def spy_chunks(*args, **kwargs):
+        calls.append(args[-1])
+        return real_chunks(*args, **kwargs)
+
+    def spy_moments(*args, **kwargs):
+        calls.append("moments")
+        return real_moments(*args, **kwargs)
+
+    from anynorm.functional import _lp
+
+    monkeypatch.setattr(_moments, "_chunks", spy_chunks)
+    monkeypatch.setattr(_lp, "_chunks", spy_chunks)
+    monkeypatch.setattr(_moments, "_chunk_moments", spy_moments)
+    x_np, g_np = _data(rng, shape), rng.standard_normal(shape)
+    x, g = bk.asarray(x_np), bk.asarray(g_np)
+    if name.startswith("BatchNorm"):
+        layer = an.BatchNorm(c, axis=axis, eps=EPS)
+
+        def tfn(t, weight, bias):
+            return F.batch_norm(t, None, None, weight, bias, True, 0.1, EPS)
+
+    elif name == "GroupNorm":
+        layer = an.GroupNorm(3, c, axis=axis, eps=EPS)
+
+        def tfn(t, weight, bias):
+            return F.group_norm(t, 3, weight, bias, EPS)
+
+    elif name == "LayerNorm":
+        layer = an.LayerNorm(c, eps=EPS)
+
+        def tfn(t, weight, bias):
+            return F.layer_norm(t, (c,), weight, bias, EPS)
+
+    elif name in ("L2Norm", "L1Norm"):
+        p = 2.0 if name == "L2Norm" else 1.0
+        layer = an.L2Norm(axis=axis) if name == "L2Norm" else an.L1Norm(axis=axis)
+        dim = 1 if axis == -1 else axis  # torch sees channels-last input channels-first
+
+        def tfn(t):
+            return F.normalize(t, p, dim)
+
+    else:
+        layer = an.InstanceNorm(c, affine=True, axis=axis, eps=EPS)
+
+        def tfn(t, weight, bias):
+            return F.instance_norm(t, weight=weight, bias=bias, eps=EPS)
+
+    if name in ("L2Norm", "L1Norm"):
+        p64 = {}
+    else:
+        p64 = _load_random_params(bk, rng, layer, x, name.split()[0], c)
+    if name == "BatchNorm eval":
+        mean64, var64 = rng.standard_normal(c), rng.uniform(0.5, 2.0, c)
+        layer.load_state_dict(
+            {"running_mean": bk.asarray(mean64), "running_var": bk.asarray(var64)}, strict=False
+        )
+        layer.eval()
+        m_t = torch_oracle.tensor(bk.round(mean64).astype(np.float64))
+        v_t = torch_oracle.tensor(bk.round(var64).astype(np.float64))
+
+        def tfn(t, weight, bias):
+            return F.batch_norm(t, m_t, v_t, weight, bias, False, 0.1, EPS)
+
+    calls.clear()
+    channels_last = axis == -1 and name != "LayerNorm"
+    _layer_vs_torch(bk, torch_oracle, layer, tfn, p64, (x_np, g_np, x, g), channels_last)
+    # statistics (training), y, the backward's sums and dx, each chunk by chunk
+    if name in ("L2Norm", "L1Norm"):  # the norms, y, Σ dy·x, dx
+        how = "sum" if axis == 0 else "concat"
+        want_calls = [how, "concat", how, "concat"]
+    elif name == "LayerNorm":  # statistics and y; the row-form backward casts whole
+        want_calls = ["concat"]
+    else:
+        want_calls = ["concat", "sum" if name.startswith("BatchNorm") else "concat", "concat"]
+    if name.endswith("Norm") and name not in ("L2Norm", "L1Norm"):
+        # the statistics; per-sample ones run the moments' own chunk loop
+        want_calls[:0] = ["moments"] if name == "BatchNorm" else ["moments", "concat"]
+    assert calls == want_calls, calls
+
+
+@pytest.mark.backends("numpy")
+@pytest.mark.dtypes("float16")
+@pytest.mark.parametrize("name", ["BatchNorm", "GroupNorm", "InstanceNorm", "L2Norm", "L1Norm"])
+def test_float16_cast_chunks_memory(bk, rng, monkeypatch, name):
+    """The chunked float16 path keeps no full-size float32 copy: the tracemalloc peak of a
+    forward and a backward stays under 1.6× the float16 input (``dx`` or ``y`` itself is
+    1×; whole-array float32 copies of ``x`` and ``dy`` alone would be 4×)."""
+    import tracemalloc
+
+    from anynorm.functional import _moments
+
+    shape = (64, 16, 16, 16)
+    monkeypatch.setattr(_moments, "_CAST_CHUNK_BYTES", 16 * 16 * 16 * 4)  # one sample
+    x = bk.asarray(_data(rng, shape))
+    g = bk.asarray(rng.standard_normal(shape))
+    layer = {
+        "BatchNorm": lambda: an.BatchNorm(16),
+        "GroupNorm": lambda: an.GroupNorm(4, 16),
+        "InstanceNorm": lambda: an.InstanceNorm(16, affine=True),
+        "L2Norm": lambda: an.L2Norm(axis=1),
+        "L1Norm": lambda: an.L1Norm(axis=1),
+    }[name]()
+    layer.forward(x)
+    layer.backward(g)
+    for phase in ("forward", "backward"):
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            out = layer.forward(x) if phase == "forward" else layer.backward(g)
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+        bk.check(out, shape, what=phase)
+        assert peak < 1.6 * x.nbytes, (phase, peak, x.nbytes)
+
+
 @pytest.mark.backends("numpy")
 @pytest.mark.dtypes("float16")
 @pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm"])

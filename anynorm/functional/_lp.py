@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import _validation as V
 from .._compat import autograd_safe, compute_dtype, numpy_loops, product_plus
-from ._moments import _elementwise, _imul, as_compute, sum_prod
+from ._moments import _cast_step, _chunks, _elementwise, _imul, as_compute, sum_prod
 
 Array = Any
 
@@ -37,7 +37,14 @@ def _prepare(func: str, x: Array, p: Any, axis: Any, eps: Any, dy: Array | None 
 
 def lp_norm(x: Array, p: float, axes: tuple[int, ...], *, xp: Any) -> Array:
     """‖x‖_p over ``axes`` (keepdims) in the compute dtype; overflow-safe for general p."""
-    xc = as_compute(x, compute_dtype(xp, x.dtype), xp=xp)
+    cdt = compute_dtype(xp, x.dtype)
+    step = _cast_step(xp, x, cdt) if p in (1.0, 2.0) else None
+    if step is not None:  # float16 on NumPy: cast chunk by chunk
+        fn = functools.partial(_l2_sq if p == 2.0 else _l1_sum, axes=axes, xp=xp)
+        how = "sum" if 0 in axes else "concat"
+        r = _chunks(xp, fn, [x], [], cdt, step, how)
+        return xp.sqrt(r) if p == 2.0 else r
+    xc = as_compute(x, cdt, xp=xp)
     if math.prod([int(s) for s in x.shape]) == 0:  # empty: norms are 0, max() would fail
         return xp.sum(xp.abs(xc), axis=axes, keepdims=True)
     if p == 2.0:
@@ -53,10 +60,29 @@ def lp_norm(x: Array, p: float, axes: tuple[int, ...], *, xp: Any) -> Array:
     return big * xp.sum((a / safe) ** p, axis=axes, keepdims=True) ** (1.0 / p)
 
 
+def _l2_sq(a: Array, *, axes: tuple[int, ...], xp: Any) -> Array:
+    return sum_prod(a, a, axes, xp=xp)
+
+
+def _l1_sum(a: Array, *, axes: tuple[int, ...], xp: Any) -> Array:
+    return xp.sum(xp.abs(a), axis=axes, keepdims=True)
+
+
+def _divide_cast(a: Array, norm: Array, *, eps: float, dtype: Any, xp: Any) -> Array:
+    """``a / max(norm, eps)`` of a chunk, cast to ``dtype``."""
+    return as_compute(a / xp.clip(norm, min=eps), dtype, xp=xp)
+
+
 def lp_forward(x: Array, p: float, axes: tuple[int, ...], eps: float, *, xp: Any):
     """``(y, norm)`` where ``norm`` is the unclamped per-vector norm (keepdims, compute
-    dtype): all the backward needs besides ``x``."""
+    dtype): all the backward needs besides ``x``. float16 on NumPy (L1, L2) is cast chunk
+    by chunk (:func:`anynorm.functional._moments._cast_step`): no float32 copy of ``x``."""
     norm = lp_norm(x, p, axes, xp=xp)
+    step = _cast_step(xp, x, norm.dtype) if p in (1.0, 2.0) else None
+    if step is not None:
+        fn = functools.partial(_divide_cast, eps=eps, dtype=x.dtype, xp=xp)
+        with numpy_loops(xp, x.shape, norm.shape):
+            return _chunks(xp, fn, [x], [norm], norm.dtype, step, "concat"), norm
     xc = as_compute(x, norm.dtype, xp=xp)
     with numpy_loops(xp, x.shape, norm.shape):
         y = xc / xp.clip(norm, min=eps)
@@ -80,6 +106,15 @@ def lp_backward(
 
 def _lp_backward(dy, x, norm, p, axes, eps, xp):
     cdt = norm.dtype
+    step = _cast_step(xp, x, cdt) if p in (1.0, 2.0) and dy.dtype == x.dtype else None
+    if step is not None:  # float16 on NumPy (L1, L2): cast chunk by chunk
+        how = "sum" if 0 in axes else "concat"
+        dot_of = functools.partial(sum_prod, axes=axes, xp=xp)
+        dot = _chunks(xp, dot_of, [dy, x], [], cdt, step, how)
+        inv = 1.0 / xp.clip(norm, min=eps)
+        ncoef = xp.where(norm > eps, -(dot * inv), xp.zeros_like(dot))
+        fn = functools.partial(_lp_dx_chunk, p=p, dtype=x.dtype, xp=xp)
+        return _chunks(xp, fn, [x, dy], [ncoef, inv], cdt, step, "concat")
     g = as_compute(dy, cdt, xp=xp)
     xc = as_compute(x, cdt, xp=xp)
     inv = 1.0 / xp.clip(norm, min=eps)
@@ -102,6 +137,16 @@ def _lp_backward(dy, x, norm, p, axes, eps, xp):
         term = _imul((xp.abs(xc) / safe) ** (p - 1.0), ncoef)  # not ·(1/safe): denormals
     dx = product_plus(xp, xp.sign(xc), term, g, scratch=True)
     return as_compute(_imul(dx, inv), x.dtype, xp=xp)
+
+
+def _lp_dx_chunk(x, g, ncoef, inv, *, p, dtype, xp):
+    """``dx`` of L2 (``(g − x·Σ(g·x)/N'²)/N'``) or L1 (``(g − sign(x)·Σ(g·x)/N')/N'``) on a
+    chunk, cast to ``dtype``."""
+    if p == 2.0:
+        dx = _elementwise(xp, functools.partial(_l2_dx, xp), [ncoef * inv, inv], x, g, chain=True)
+    else:
+        dx = _imul(product_plus(xp, xp.sign(x), ncoef, g, scratch=True), inv)
+    return as_compute(dx, dtype, xp=xp)
 
 
 def _l2_dx(xp: Any, x: Array, g: Array, c: Array, inv: Array) -> Array:

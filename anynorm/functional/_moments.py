@@ -35,7 +35,10 @@ product on the ``(rows, M)`` view. On large NumPy inputs the row form runs block
 of whole rows (:func:`rows_standardize`, :func:`_rows_backward_blocked`,
 :func:`anynorm._compat.row_blocks`), forward and backward, each block's work in cache.
 Inputs of fewer than ``_SMALL`` values skip all of this planning and run the plain
-operations (:func:`_small`): at that size the planning is most of a call's cost.
+operations (:func:`_small`): at that size the planning is most of a call's cost. float16
+input on NumPy is never cast whole where a chunk loop applies: the row blocks cast per
+block, the per-group form (and L1/L2) chunk by chunk along axis 0 (:func:`_cast_step`,
+:func:`_chunks`, :func:`_chunk_moments`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from .._compat import (
     copy,
     device,
     inplace_ok,
+    is_numpy_namespace,
     long_row_views,
     numpy_loops,
     row_block_size,
@@ -99,6 +103,49 @@ def _small(a: Array) -> bool:
     """Fewer than ``_SMALL`` values: plain sums and operations, no fast-path planning.
     (BatchNorm f+b on (32, 128) float32, NumPy: 248 against 397 µs with the planning.)"""
     return math.prod([int(s) for s in a.shape]) < _SMALL
+
+
+#: bytes of the compute dtype per chunk when float16 input is cast piece by piece
+#: (:func:`_cast_step`)
+_CAST_CHUNK_BYTES = 1 << 20
+
+
+def _cast_step(xp: Any, x: Array, cdt: Any) -> int | None:
+    """Chunk length along axis 0 for casting float16 ``x`` to the compute dtype ``cdt``
+    piece by piece (:func:`_chunks`), or None: the whole-array cast. NumPy only (the
+    per-chunk calls would cost more than the copy on the other namespaces), not for small
+    inputs, and only when there are at least two chunks of ``_CAST_CHUNK_BYTES``.
+    A float32 copy of the whole input is twice its float16 size; per chunk, the peak stays
+    at the float16 result plus a chunk."""
+    if x.dtype == cdt or not is_numpy_namespace(xp) or len(x.shape) == 0 or _small(x):
+        return None
+    n = int(x.shape[0])
+    row = math.prod([int(s) for s in x.shape[1:]]) * xp.empty(0, dtype=cdt).itemsize
+    step = max(1, _CAST_CHUNK_BYTES // max(row, 1))
+    return step if n > step else None
+
+
+def _chunks(xp: Any, fn: Any, full: list, vectors: list, cdt: Any, step: int, combine: str):
+    """``fn(*chunks, *vector_chunks)`` over chunks of ``step`` along axis 0 of the arrays
+    ``full`` (one shape), each chunk cast to ``cdt``; keepdims ``vectors`` are sliced with
+    the chunk where they vary along axis 0. ``combine``: ``"sum"`` adds the chunk results
+    (sums over axes that include 0), ``"concat"`` writes them into one array along axis 0
+    (NumPy arrays: item assignment, no list of parts and no concatenated copy)."""
+    n = int(full[0].shape[0])
+    total = None
+    for i in range(0, n, step):
+        sl = slice(i, i + step)
+        r = fn(
+            *[as_compute(a[sl], cdt, xp=xp) for a in full],
+            *[v[sl] if int(v.shape[0]) > 1 else v for v in vectors],
+        )
+        if combine == "sum":
+            total = r if total is None else total + r
+            continue
+        if total is None:
+            total = xp.empty((n, *r.shape[1:]), dtype=r.dtype, device=device(r))
+        total[sl] = r
+    return total
 
 
 def _sum(a: Array, axes: tuple[int, ...], *, xp: Any) -> Array:
@@ -308,11 +355,16 @@ def as_compute(a: Array, cdt: Any, *, xp: Any) -> Array:
 
 def centered_moments(
     x: Array, axes: tuple[int, ...], cdt: Any, *, xp: Any
-) -> tuple[Array, Array, Array]:
+) -> tuple[Array, Array, Array | None]:
     """``(mean, var, x − mean)``: mean and biased variance over ``axes`` (keepdims) in
-    ``cdt``, two-pass, plus the centred array (a fresh temporary the caller may consume)."""
-    xc = as_compute(x, cdt, xp=xp)
+    ``cdt``, two-pass, plus the centred array (a fresh temporary the caller may consume),
+    or None for float16 NumPy input cast chunk by chunk (:func:`_cast_step`): then
+    :func:`standardize` centres chunk by chunk too."""
     count = _size(x, axes)
+    step = None if count == 0 else _cast_step(xp, x, cdt)
+    if step is not None:  # float16 on NumPy: cast chunk by chunk, no centred array
+        return (*_chunk_moments(xp, x, axes, cdt, step, count), None)
+    xc = as_compute(x, cdt, xp=xp)
     if count == 0:  # empty reduction: NaN statistics, as the mean of nothing
         mean = xp.mean(xc, axis=axes, keepdims=True)
         return mean, mean, xc - mean
@@ -322,6 +374,32 @@ def centered_moments(
         d = _elementwise(xp, _sub, [wide], xc)
     var = sum_prod(d, d, axes, xp=xp) / count
     return mean, var, d
+
+
+def _chunk_moments(xp, x, axes, cdt, step, count):
+    """``(mean, var)`` of float16 ``x`` from one cast of each chunk along axis 0: each chunk's
+    own two-pass centred moments (mean ``μ_c`` and ``M2_c = Σ (x − μ_c)²`` over its
+    ``n_c`` values). When axis 0 is not reduced (GroupNorm, InstanceNorm) a chunk holds
+    whole groups and these are the results; when it is (BatchNorm) they are combined
+    exactly as Chan, Golub and LeVeque's pairwise update does:
+    ``M2 = Σ M2_c + Σ n_c·(μ_c − μ)²`` with ``μ = Σ n_c·μ_c / N``."""
+    n_other = count // int(x.shape[0]) if 0 in axes else count
+
+    def moments_of(a):
+        n_c = n_other * int(a.shape[0]) if 0 in axes else count
+        mu = _sum(a, axes, xp=xp) / n_c
+        d = a - mu
+        return xp.stack([mu, sum_prod(d, d, axes, xp=xp)], axis=1)
+
+    if 0 not in axes:
+        r = _chunks(xp, moments_of, [x], [], cdt, step, "concat")
+        return r[:, 0], r[:, 1] / count
+    n = int(x.shape[0])
+    parts = [moments_of(as_compute(x[i : i + step], cdt, xp=xp)) for i in range(0, n, step)]
+    sizes = [n_other * min(step, n - i) for i in range(0, n, step)]
+    mean = sum(p[:, 0] * s for p, s in zip(parts, sizes, strict=True)) / count
+    m2 = sum(p[:, 1] + s * (p[:, 0] - mean) ** 2 for p, s in zip(parts, sizes, strict=True))
+    return mean, m2 / count
 
 
 def batch_or_frozen(
@@ -409,6 +487,17 @@ def _shapes(*arrays: Array | None) -> list:
 
 def _standardize(x, mean, istd, weight, bias, axes, *, xp, centered):
     cdt = istd.dtype
+    step = None if centered is not None or mean is None else _cast_step(xp, x, cdt)
+    if step is not None:  # float16 on NumPy: (x − μ)·istd·γ + β chunk by chunk
+        if _constant_over(weight, axes) or _small_product(x, istd, weight):
+            vectors = [istd if weight is None else istd * weight]
+        else:
+            vectors = [istd, weight]
+        factors = len(vectors)
+        if bias is not None:
+            vectors.append(bias)
+        op = functools.partial(_chunk_affine, factors=factors, xp=xp, dtype=x.dtype)
+        return _chunks(xp, op, [x], [mean, *vectors], cdt, step, "concat")
     if centered is not None:
         y = centered
     elif mean is None:
@@ -462,6 +551,43 @@ def standardize_backward(
         )
 
 
+def _chunk_sums(xp, g, x, axes, cdt, step):
+    """``(Σ_axes g, Σ_axes g·x)`` of float16 ``g`` and ``x`` cast chunk by chunk, both
+    from one cast of each chunk (stacked as one array along a new leading axis)."""
+    how = "sum" if 0 in axes else "concat"
+
+    def both(a, b):
+        return xp.stack([_sum(a, axes, xp=xp), sum_prod(a, b, axes, xp=xp)], axis=1)
+
+    r = _chunks(xp, both, [g, x], [], cdt, step, how)
+    return r[:, 0], r[:, 1]
+
+
+def _dx_elementwise(xp, op, vectors, full, cdt, step, dtype):
+    """The input gradient ``op(*full, *vectors)``: whole (``step`` None) or chunk by chunk
+    of float16 input, each chunk cast to ``cdt`` and its result back to ``dtype``."""
+    if step is None:
+        return _elementwise(xp, op, vectors, *full, chain=len(full) > 1)
+
+    def chunk(*args):
+        r = _elementwise(xp, op, list(args[len(full) :]), *args[: len(full)], chain=True)
+        return as_compute(r, dtype, xp=xp)
+
+    return _chunks(xp, chunk, full, vectors, cdt, step, "concat")
+
+
+def _chunk_affine(a, mean, *vectors, factors, xp, dtype):
+    """``(a − mean)·v₁···v_factors (+ bias)`` of a chunk (:func:`_affine`), cast to
+    ``dtype``."""
+    op = functools.partial(_centred_affine, factors=factors)
+    y = _elementwise(xp, op, [mean, *vectors], a, chain=True)
+    return as_compute(y, dtype, xp=xp)
+
+
+def _centred_affine(a, mean, *vectors, factors):
+    return _affine(a - mean, *vectors, factors=factors, fresh=False)
+
+
 def _standardize_backward(dy, x, mean, istd, weight, axes, param_axes, frozen, xp, reduce, count):
     cdt = istd.dtype
     if not frozen and reduce is None and count is None:
@@ -469,8 +595,6 @@ def _standardize_backward(dy, x, mean, istd, weight, axes, param_axes, frozen, x
         blocked = _rows_backward_blocked(dy, x, mean, istd, weight, axes, param_axes, xp=xp)
         if blocked is not None:
             return blocked
-    g = as_compute(dy, cdt, xp=xp)
-    xc = as_compute(x, cdt, xp=xp)
     m_count = _size(x, axes) if count is None else count
     dweight = dbias = None
     # Axes along which the weight varies inside a statistics group (GroupNorm: the group's
@@ -482,6 +606,13 @@ def _standardize_backward(dy, x, mean, istd, weight, axes, param_axes, frozen, x
     )
     if reduce is not None and (vary or not per_group):
         raise RuntimeError("standardize_backward: `reduce` needs per-group parameters")
+    # float16 on NumPy, per-group form: dy and x are cast chunk by chunk below
+    step = _cast_step(xp, x, cdt) if per_group and dy.dtype == x.dtype else None
+    if step is None:
+        g = as_compute(dy, cdt, xp=xp)
+        xc = as_compute(x, cdt, xp=xp)
+    else:
+        g, xc = dy, x
     if not per_group and not frozen and _row_form(g, xc, weight, axes, param_axes, xp):
         dx, dweight, dbias = _rows_backward(g, xc, mean, istd, weight, axes, param_axes, xp=xp)
         return as_compute(dx, x.dtype, xp=xp), dweight, dbias
@@ -490,14 +621,17 @@ def _standardize_backward(dy, x, mean, istd, weight, axes, param_axes, frozen, x
         # constant over it): A = Σ_sub g, C = Σ_sub g·x̂. With S_A = Σ_vary γ·A and
         # S_C = Σ_vary γ·C per group, dx = k·g + m·x + n with k = istd·γ,
         # m = −istd·S_C·istd/M and n = −istd·S_A/M − m·μ.
-        a_sum = _sum(g, sub, xp=xp)
-        gx = sum_prod(g, xc, sub, xp=xp)
+        if step is None:
+            a_sum = _sum(g, sub, xp=xp)
+            gx = sum_prod(g, xc, sub, xp=xp)
+        else:
+            a_sum, gx = _chunk_sums(xp, g, xc, sub, cdt, step)
         if reduce is not None and (param_axes is not None or not frozen):
             a_sum, gx = reduce([a_sum, gx])
         c_sum = istd * (gx if mean is None else gx - mean * a_sum)
         k = widen(istd if weight is None else istd * weight, xc, xp=xp)
         if frozen:
-            dx = _elementwise(xp, _mul, [k], g)
+            dx = _dx_elementwise(xp, _mul, [k], [g], cdt, step, x.dtype)
         else:
             s_a = a_sum if weight is None else weight * a_sum
             s_c = c_sum if weight is None else weight * c_sum
@@ -508,7 +642,8 @@ def _standardize_backward(dy, x, mean, istd, weight, axes, param_axes, frozen, x
             vectors = [k, widen(m, xc, xp=xp)]
             if mean is not None:
                 vectors.append(widen(n + m * mean, xc, xp=xp))
-            dx = _elementwise(xp, functools.partial(_k_g_m_x_n, xp), vectors, g, xc, chain=True)
+            op = functools.partial(_k_g_m_x_n, xp)
+            dx = _dx_elementwise(xp, op, vectors, [g, xc], cdt, step, x.dtype)
         if param_axes is not None:
             rest = tuple(a for a in param_axes if a not in sub)
             dweight = _sum(c_sum, rest, xp=xp)
