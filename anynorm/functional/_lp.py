@@ -46,11 +46,11 @@ def lp_norm(x: Array, p: float, axes: tuple[int, ...], *, xp: Any) -> Array:
         return xp.sqrt(r) if p == 2.0 else r
     xc = as_compute(x, cdt, xp=xp)
     if math.prod([int(s) for s in x.shape]) == 0:  # empty: norms are 0, max() would fail
-        return xp.sum(xp.abs(xc), axis=axes, keepdims=True)
+        return _l1_sum(xc, axes=axes, xp=xp)
     if p == 2.0:
-        return xp.sqrt(sum_prod(xc, xc, axes, xp=xp))
+        return xp.sqrt(_l2_sq(xc, axes=axes, xp=xp))
     if p == 1.0:
-        return xp.sum(xp.abs(xc), axis=axes, keepdims=True)
+        return _l1_sum(xc, axes=axes, xp=xp)
     a = xp.abs(xc)
     big = xp.max(a, axis=axes, keepdims=True)
     if math.isinf(p):
@@ -69,7 +69,7 @@ def _l1_sum(a: Array, *, axes: tuple[int, ...], xp: Any) -> Array:
 
 
 def _divide_cast(a: Array, norm: Array, *, eps: float, dtype: Any, xp: Any) -> Array:
-    """``a / max(norm, eps)`` of a chunk, cast to ``dtype``."""
+    """``a / max(norm, eps)`` (whole, or a chunk), cast to ``dtype``."""
     return as_compute(a / xp.clip(norm, min=eps), dtype, xp=xp)
 
 
@@ -83,10 +83,9 @@ def lp_forward(x: Array, p: float, axes: tuple[int, ...], eps: float, *, xp: Any
         fn = functools.partial(_divide_cast, eps=eps, dtype=x.dtype, xp=xp)
         with numpy_loops(xp, x.shape, norm.shape):
             return _chunks(xp, fn, [x], [norm], norm.dtype, step, "concat"), norm
-    xc = as_compute(x, norm.dtype, xp=xp)
     with numpy_loops(xp, x.shape, norm.shape):
-        y = xc / xp.clip(norm, min=eps)
-    return as_compute(y, x.dtype, xp=xp), norm
+        y = _divide_cast(as_compute(x, norm.dtype, xp=xp), norm, eps=eps, dtype=x.dtype, xp=xp)
+    return y, norm
 
 
 @autograd_safe
@@ -107,46 +106,40 @@ def lp_backward(
 def _lp_backward(dy, x, norm, p, axes, eps, xp):
     cdt = norm.dtype
     step = _cast_step(xp, x, cdt) if p in (1.0, 2.0) and dy.dtype == x.dtype else None
-    if step is not None:  # float16 on NumPy (L1, L2): cast chunk by chunk
+    if step is None:
+        g = as_compute(dy, cdt, xp=xp)
+        xc = as_compute(x, cdt, xp=xp)
+        dot = sum_prod(g, xc, axes, xp=xp)
+    else:  # float16 on NumPy (L1, L2): cast chunk by chunk
         how = "sum" if 0 in axes else "concat"
         dot_of = functools.partial(sum_prod, axes=axes, xp=xp)
         dot = _chunks(xp, dot_of, [dy, x], [], cdt, step, how)
-        inv = 1.0 / xp.clip(norm, min=eps)
-        ncoef = xp.where(norm > eps, -(dot * inv), xp.zeros_like(dot))
-        fn = functools.partial(_lp_dx_chunk, p=p, dtype=x.dtype, xp=xp)
-        return _chunks(xp, fn, [x, dy], [ncoef, inv], cdt, step, "concat")
-    g = as_compute(dy, cdt, xp=xp)
-    xc = as_compute(x, cdt, xp=xp)
     inv = 1.0 / xp.clip(norm, min=eps)
-    dot = sum_prod(g, xc, axes, xp=xp)
     # −Σ(g·x)/N' where N > eps (else the norm is clamped and constant)
     ncoef = xp.where(norm > eps, -(dot * inv), xp.zeros_like(dot))
+    fn = functools.partial(_lp_dx, p=p, axes=axes, dtype=x.dtype, xp=xp)
+    if step is None:
+        return fn(xc, g, ncoef, inv, norm)
+    return _chunks(xp, fn, [x, dy], [ncoef, inv, norm], cdt, step, "concat")
+
+
+def _lp_dx(x, g, ncoef, inv, norm, *, p, axes, dtype, xp):
+    """``dx = (g − sign(x)·term)·inv`` (L2: ``(g − x·Σ(g·x)/N'²)·inv``) from the per-vector
+    ``ncoef = −Σ(g·x)/N'`` (0 where clamped) and ``inv = 1/N'``, cast to ``dtype``; on the
+    whole arrays or on a chunk of them (float16, L1/L2)."""
     if p == 2.0:
-        # dx = (g − x·Σ(g·x)/N'²)·inv
         op = functools.partial(_l2_dx, xp)
-        dx = _elementwise(xp, op, [ncoef * inv, inv], xc, g, chain=True)
-        return as_compute(dx, x.dtype, xp=xp)
-    # dx = (g − sign(x)·term)·inv
+        return as_compute(_elementwise(xp, op, [ncoef * inv, inv], x, g, chain=True), dtype, xp=xp)
     if p == 1.0:
         term = ncoef
     elif math.isinf(p):
-        term = xp.astype(xp.abs(xc) == norm, cdt)  # the tied maxima
+        term = xp.astype(xp.abs(x) == norm, inv.dtype)  # the tied maxima
         term = _imul(term, ncoef / xp.clip(xp.sum(term, axis=axes, keepdims=True), min=1.0))
     else:
         safe = xp.where(norm > 0, norm, xp.ones_like(norm))
-        term = _imul((xp.abs(xc) / safe) ** (p - 1.0), ncoef)  # not ·(1/safe): denormals
-    dx = product_plus(xp, xp.sign(xc), term, g, scratch=True)
-    return as_compute(_imul(dx, inv), x.dtype, xp=xp)
-
-
-def _lp_dx_chunk(x, g, ncoef, inv, *, p, dtype, xp):
-    """``dx`` of L2 (``(g − x·Σ(g·x)/N'²)/N'``) or L1 (``(g − sign(x)·Σ(g·x)/N')/N'``) on a
-    chunk, cast to ``dtype``."""
-    if p == 2.0:
-        dx = _elementwise(xp, functools.partial(_l2_dx, xp), [ncoef * inv, inv], x, g, chain=True)
-    else:
-        dx = _imul(product_plus(xp, xp.sign(x), ncoef, g, scratch=True), inv)
-    return as_compute(dx, dtype, xp=xp)
+        term = _imul((xp.abs(x) / safe) ** (p - 1.0), ncoef)  # not ·(1/safe): denormals
+    dx = product_plus(xp, xp.sign(x), term, g, scratch=True)
+    return as_compute(_imul(dx, inv), dtype, xp=xp)
 
 
 def _l2_dx(xp: Any, x: Array, g: Array, c: Array, inv: Array) -> Array:

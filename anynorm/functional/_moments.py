@@ -130,22 +130,26 @@ def _chunks(xp: Any, fn: Any, full: list, vectors: list, cdt: Any, step: int, co
     ``full`` (one shape), each chunk cast to ``cdt``; keepdims ``vectors`` are sliced with
     the chunk where they vary along axis 0. ``combine``: ``"sum"`` adds the chunk results
     (sums over axes that include 0), ``"concat"`` writes them into one array along axis 0
-    (NumPy arrays: item assignment, no list of parts and no concatenated copy)."""
+    (NumPy arrays: item assignment, no list of parts and no concatenated copy), ``"list"``
+    returns them as a list."""
     n = int(full[0].shape[0])
     total = None
+    parts = []
     for i in range(0, n, step):
         sl = slice(i, i + step)
         r = fn(
             *[as_compute(a[sl], cdt, xp=xp) for a in full],
             *[v[sl] if int(v.shape[0]) > 1 else v for v in vectors],
         )
-        if combine == "sum":
+        if combine == "list":
+            parts.append(r)
+        elif combine == "sum":
             total = r if total is None else total + r
-            continue
-        if total is None:
-            total = xp.empty((n, *r.shape[1:]), dtype=r.dtype, device=device(r))
-        total[sl] = r
-    return total
+        else:
+            if total is None:
+                total = xp.empty((n, *r.shape[1:]), dtype=r.dtype, device=device(r))
+            total[sl] = r
+    return parts if combine == "list" else total
 
 
 def _sum(a: Array, axes: tuple[int, ...], *, xp: Any) -> Array:
@@ -395,7 +399,7 @@ def _chunk_moments(xp, x, axes, cdt, step, count):
         r = _chunks(xp, moments_of, [x], [], cdt, step, "concat")
         return r[:, 0], r[:, 1] / count
     n = int(x.shape[0])
-    parts = [moments_of(as_compute(x[i : i + step], cdt, xp=xp)) for i in range(0, n, step)]
+    parts = _chunks(xp, moments_of, [x], [], cdt, step, "list")
     sizes = [n_other * min(step, n - i) for i in range(0, n, step)]
     mean = sum(p[:, 0] * s for p, s in zip(parts, sizes, strict=True)) / count
     m2 = sum(p[:, 1] + s * (p[:, 0] - mean) ** 2 for p, s in zip(parts, sizes, strict=True))
@@ -487,15 +491,16 @@ def _shapes(*arrays: Array | None) -> list:
 
 def _standardize(x, mean, istd, weight, bias, axes, *, xp, centered):
     cdt = istd.dtype
+    if _constant_over(weight, axes) or _small_product(x, istd, weight):
+        # one fused per-group (GroupNorm: per sample and channel) scale
+        vectors = [widen(istd if weight is None else istd * weight, x, xp=xp)]
+    else:
+        vectors = [istd, weight]
+    factors = len(vectors)
+    if bias is not None:
+        vectors.append(bias)
     step = None if centered is not None or mean is None else _cast_step(xp, x, cdt)
     if step is not None:  # float16 on NumPy: (x − μ)·istd·γ + β chunk by chunk
-        if _constant_over(weight, axes) or _small_product(x, istd, weight):
-            vectors = [istd if weight is None else istd * weight]
-        else:
-            vectors = [istd, weight]
-        factors = len(vectors)
-        if bias is not None:
-            vectors.append(bias)
         op = functools.partial(_chunk_affine, factors=factors, xp=xp, dtype=x.dtype)
         return _chunks(xp, op, [x], [mean, *vectors], cdt, step, "concat")
     if centered is not None:
@@ -504,14 +509,7 @@ def _standardize(x, mean, istd, weight, bias, axes, *, xp, centered):
         y = None
     else:
         y = _elementwise(xp, _sub, [widen(mean, x, xp=xp)], as_compute(x, cdt, xp=xp))
-    if _constant_over(weight, axes) or _small_product(x, istd, weight):
-        # one fused per-group (GroupNorm: per sample and channel) scale
-        vectors = [widen(istd if weight is None else istd * weight, x, xp=xp)]
-    else:
-        vectors = [istd, weight]
-    op = functools.partial(_affine, factors=len(vectors), fresh=y is None)
-    if bias is not None:
-        vectors.append(bias)
+    op = functools.partial(_affine, factors=factors, fresh=y is None)
     if y is None:
         y = _elementwise(xp, op, vectors, as_compute(x, cdt, xp=xp), chain=True)
     else:
